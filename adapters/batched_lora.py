@@ -1,0 +1,156 @@
+"""Per-row LoRA in one forward pass: every row of a batch carries its own adapter slot.
+
+Each adapted linear layer keeps a *bank* of the resident adapters' weights stacked by slot
+(slot 0 is all zeros: the base model). For a batch whose rows use slots ``s``, the layer computes
+
+    y = W x + B[s] (A[s] x)        (one gather + two batched matmuls, whatever the number of adapters)
+
+which is the gather-then-bmm form of Punica's BGMV / S-LoRA's MBGMV kernels written in plain
+PyTorch. Its cost is flat in the number of *distinct* adapters in the batch (the per-adapter
+segment loop of LoRAX grows with it), and it needs no custom kernel, so it runs the same on the
+CPU and on CUDA. Ranks are padded with zeros to the bank's rank, which adds exact zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from adapters.lora import LoRAModule, LoRAWeights
+
+_EXCLUDED_MODULES = ("lm_head",)
+
+
+class LoRABatchState:
+    """The adapter slot of each row in the forward pass now running (shared by every layer)."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None  # (B,) int64, on the model's device
+        self.unique_slots: frozenset[int] = frozenset()
+
+
+class LoRABank:
+    """The stacked weights of one linear layer for every resident adapter slot."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lora_A = torch.zeros(1, 0, in_features, dtype=dtype, device=device)  # (S, r, in)
+        self.lora_B = torch.zeros(1, out_features, 0, dtype=dtype, device=device)  # (S, out, r)
+        self.active_slots: set[int] = set()
+
+    @property
+    def num_slots(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    def reserve(self, num_slots: int, rank: int) -> None:
+        """Grows the bank (copying what it holds) to at least ``num_slots`` slots of rank ``rank``."""
+        if num_slots <= self.num_slots and rank <= self.rank:
+            return
+        new_slots, new_rank = max(num_slots, self.num_slots), max(rank, self.rank)
+        lora_A = self.lora_A.new_zeros(new_slots, new_rank, self.in_features)
+        lora_B = self.lora_B.new_zeros(new_slots, self.out_features, new_rank)
+        lora_A[: self.num_slots, : self.rank] = self.lora_A
+        lora_B[: self.num_slots, :, : self.rank] = self.lora_B
+        self.lora_A, self.lora_B = lora_A, lora_B
+
+    def write(self, slot: int, module: LoRAModule | None) -> None:
+        """Puts ``module`` into ``slot`` (the scaling folded into B), or clears the slot."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.active_slots.discard(slot)
+        if module is None:
+            return
+        r = module.rank
+        self.lora_A[slot, :r] = module.lora_A.to(self.lora_A)
+        self.lora_B[slot, :, :r] = (module.lora_B.float() * module.scaling).to(self.lora_B)
+        self.active_slots.add(slot)
+
+
+class BatchedLoRALinear(nn.Module):
+    """Wraps a base linear layer (plain, NF4 or int8) and adds each row's own adapter delta."""
+
+    def __init__(self, base: nn.Module, bank: LoRABank, state: LoRABatchState):
+        super().__init__()
+        self.base = base
+        self.bank = bank
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        slots = self.state.slots
+        if slots is None or self.bank.active_slots.isdisjoint(self.state.unique_slots):
+            return y
+        lora_A = self.bank.lora_A.index_select(0, slots)  # (B, r, in)
+        lora_B = self.bank.lora_B.index_select(0, slots)  # (B, out, r)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_A.dtype)  # (B, T, in)
+        h = torch.bmm(x3, lora_A.transpose(1, 2))  # (B, T, r)
+        delta = torch.bmm(h, lora_B.transpose(1, 2))  # (B, T, out)
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+
+class BatchedLoRAModel:
+    """Installs :class:`BatchedLoRALinear` into every linear layer of a model and owns the banks.
+
+    Args:
+        model: a causal LM (its ``lm_head`` is left alone).
+        dtype: dtype of the adapter banks (the model's compute dtype).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.model = model
+        self.state = LoRABatchState()
+        self.banks: dict[str, LoRABank] = {}
+        self.linear_shapes: dict[str, tuple[int, int]] = {}
+        device = next(model.parameters()).device
+        targets = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in _EXCLUDED_MODULES
+        ]
+        for name, module in targets:
+            bank = LoRABank(module.in_features, module.out_features, dtype, device)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, BatchedLoRALinear(module, bank, self.state))
+            self.banks[name] = bank
+            self.linear_shapes[name] = (module.in_features, module.out_features)
+
+    def install(self, slot: int, weights: LoRAWeights) -> None:
+        """Writes an adapter into ``slot`` of every bank (modules it does not target get zeros)."""
+        for name, bank in self.banks.items():
+            module = weights.modules.get(name)
+            if module is not None:
+                bank.reserve(slot + 1, module.rank)
+            elif slot >= bank.num_slots:
+                continue  # nothing to clear, and index_select never reaches an absent slot of this bank
+            bank.write(slot, module)
+
+    def clear(self, slot: int) -> None:
+        for bank in self.banks.values():
+            if slot < bank.num_slots:
+                bank.write(slot, None)
+
+    def reserve_slots(self, num_slots: int) -> None:
+        """Makes every bank hold ``num_slots`` slots so any slot index is valid in ``index_select``."""
+        for bank in self.banks.values():
+            bank.reserve(num_slots, bank.rank)
+
+    @contextlib.contextmanager
+    def rows(self, slots: list[int]) -> Iterator[None]:
+        """Runs the enclosed forward pass with row ``i`` using adapter slot ``slots[i]``."""
+        device = next(iter(self.banks.values())).lora_A.device if self.banks else None
+        self.state.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.state.unique_slots = frozenset(slots) - {0}
+        try:
+            yield
+        finally:
+            self.state.slots = None
+            self.state.unique_slots = frozenset()

@@ -1,0 +1,179 @@
+"""LoRA weights in memory, and reading them from a PEFT adapter folder with full validation.
+
+Validation happens before anything touches the model: safetensors only (a pickle ``.bin`` is never
+opened), LoRA type, target modules present in the base, tensor shapes matching, rank within the
+configured maximum. Every problem found is collected into one :class:`AdapterInvalid`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters.errors import AdapterInvalid
+from adapters.store import CONFIG_FILE, WEIGHTS_FILE
+
+# PEFT saves keys as "base_model.model.<module>.lora_A.weight" (the adapter name stripped).
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_UNSUPPORTED_CONFIG = {
+    "use_dora": "DoRA adapters are not supported",
+    "modules_to_save": "adapters with modules_to_save (full extra layers) are not supported",
+    "layers_to_transform": None,  # handled through the weights actually present
+}
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    """One adapted linear layer: ``ΔW = scaling · B @ A``."""
+
+    lora_A: torch.Tensor  # (r, in_features)
+    lora_B: torch.Tensor  # (out_features, r)
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
+
+
+@dataclass
+class LoRAWeights:
+    """A whole adapter: its name, the config it came with and its per-module weights."""
+
+    name: str
+    modules: dict[str, LoRAModule]  # module name in the base model -> weights
+    config: dict
+
+    @property
+    def rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+
+    def num_bytes(self) -> int:
+        return sum(m.lora_A.nbytes + m.lora_B.nbytes for m in self.modules.values())
+
+
+def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _check_config(config: dict, max_rank: int, problems: list[str]) -> None:
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        problems.append(f"peft_type must be LORA, got {config.get('peft_type')!r}")
+    for key, reason in _UNSUPPORTED_CONFIG.items():
+        if reason and config.get(key):
+            problems.append(reason)
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        problems.append(f"r must be a positive integer, got {rank!r}")
+    elif rank > max_rank:
+        problems.append(f"rank {rank} exceeds the server's maximum rank {max_rank}")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out adapters (Conv1D bases) are not supported")
+    if config.get("bias", "none") not in ("none", None):
+        problems.append("adapters that train biases (bias != 'none') are not supported")
+
+
+def load_lora_weights(
+    name: str,
+    folder: Path,
+    linear_shapes: Mapping[str, tuple[int, int]],
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+) -> LoRAWeights:
+    """Reads and validates a PEFT LoRA folder against the base model's linear layers.
+
+    Args:
+        name: the adapter's name (for messages).
+        folder: the adapter folder.
+        linear_shapes: base module name -> (in_features, out_features) for every adaptable linear.
+        max_rank: the largest rank the server accepts.
+        dtype: dtype of the returned tensors.
+
+    Raises:
+        AdapterInvalid: listing every problem found.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    problems: list[str] = []
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise AdapterInvalid(name, ["pickle weight files (.bin/.pt) are refused; save with safetensors"])
+        raise AdapterInvalid(name, [f"{WEIGHTS_FILE} is missing"])
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AdapterInvalid(name, [f"{CONFIG_FILE} is not a valid JSON object ({e})"]) from e
+    _check_config(config, max_rank, problems)
+    if problems:
+        raise AdapterInvalid(name, problems)
+
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                match = _KEY_RE.match(key)
+                if match is None:
+                    problems.append(f"unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
+                    continue
+                tensors.setdefault(match["module"], {})[match["which"]] = f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterInvalid(name, [f"{WEIGHTS_FILE} is not a readable safetensors file ({e})"]) from e
+
+    if not tensors and not problems:
+        problems.append("the adapter holds no LoRA weights")
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: dict[str, LoRAModule] = {}
+    for module, pair in sorted(tensors.items()):
+        if module not in linear_shapes:
+            problems.append(f"target module {module!r} is not a linear layer of the base model")
+            continue
+        if set(pair) != {"A", "B"}:
+            problems.append(f"{module}: needs both lora_A and lora_B")
+            continue
+        in_features, out_features = linear_shapes[module]
+        lora_A, lora_B = pair["A"], pair["B"]
+        rank = int(_pattern_value(rank_pattern, module, config["r"]))
+        if lora_A.ndim != 2 or lora_B.ndim != 2:
+            problems.append(f"{module}: LoRA weights must be 2-D")
+            continue
+        if tuple(lora_A.shape) != (rank, in_features) or tuple(lora_B.shape) != (out_features, rank):
+            problems.append(
+                f"{module}: shapes A{tuple(lora_A.shape)} B{tuple(lora_B.shape)} do not match "
+                f"A({rank}, {in_features}) B({out_features}, {rank})"
+            )
+            continue
+        if rank > max_rank:
+            problems.append(f"{module}: rank {rank} exceeds the server's maximum rank {max_rank}")
+            continue
+        if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+            problems.append(f"{module}: weights contain NaN or infinity")
+            continue
+        alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        modules[module] = LoRAModule(lora_A.to(dtype), lora_B.to(dtype), scaling)
+    if problems:
+        raise AdapterInvalid(name, problems)
+    return LoRAWeights(name=name, modules=modules, config=config)

@@ -1,0 +1,192 @@
+"""Which adapters are resident in model memory: name → slot, LRU over idle adapters, pins in flight.
+
+At most ``max_loaded`` adapters hold a slot. Loading one more evicts the least recently used adapter
+that no request is using; an adapter with requests in flight (``pins > 0``) is never evicted or
+unloaded under them. Reading and validating an adapter from disk happens outside the registry's
+lock; only writing the validated weights into the banks takes it, and the engine holds the same lock
+around each forward pass, so banks never change under a running batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from adapters.batched_lora import BatchedLoRAModel
+from adapters.errors import AdapterBusy
+from adapters.lora import LoRAWeights, load_lora_weights
+from adapters.store import AdapterStore
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterInUse(ValueError):
+    """An unload asked for while requests still use the adapter."""
+
+    code = "adapter_in_use"
+    param = "name"
+    http_status = 409
+
+    def __init__(self, name: str, pins: int):
+        super().__init__(f"The adapter '{name}' is serving {pins} request(s); unload it when they finish.")
+
+
+@dataclass
+class ResidentAdapter:
+    name: str
+    slot: int
+    weights: LoRAWeights
+    load_seconds: float
+    pins: int = 0
+    origin: str = "store"  # "store" or "merge"
+    spec: dict | None = None  # the merge spec of a computed merge
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class RegistryStats:
+    loads: int = 0
+    evictions: int = 0
+    load_seconds_total: float = 0.0
+    last_load_seconds: float = 0.0
+
+
+class AdapterRegistry:
+    """Thread-safe map from adapter names to resident slots.
+
+    Args:
+        store: the adapter store on disk.
+        lora: the model's batched LoRA layers.
+        max_loaded: how many adapters may be resident at once.
+        max_rank: the largest rank accepted.
+    """
+
+    def __init__(self, store: AdapterStore, lora: BatchedLoRAModel, max_loaded: int, max_rank: int):
+        if max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+        self.store = store
+        self.lora = lora
+        self.max_loaded = max_loaded
+        self.max_rank = max_rank
+        self.lock = threading.RLock()  # guards the banks and the tables; held by the engine per forward
+        self.stats = RegistryStats()
+        self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU order: oldest first
+        self._free_slots = list(range(max_loaded, 0, -1))  # slot 0 is the base model
+        self._name_locks: dict[str, threading.Lock] = {}
+        self._name_locks_guard = threading.Lock()
+        self._dtype = next(iter(lora.banks.values())).lora_A.dtype if lora.banks else None
+        lora.reserve_slots(max_loaded + 1)
+
+    # ----------------------------------------------------------------- queries
+    def resident(self) -> list[ResidentAdapter]:
+        with self.lock:
+            return list(self._resident.values())
+
+    def get(self, name: str) -> ResidentAdapter | None:
+        with self.lock:
+            return self._resident.get(name)
+
+    def is_loaded(self, name: str) -> bool:
+        with self.lock:
+            return name in self._resident
+
+    # ----------------------------------------------------------------- lifecycle
+    def acquire(self, name: str) -> int:
+        """Makes ``name`` resident (loading it from the store if needed), pins it and returns its slot."""
+        return self._ensure(name, pin=True, loader=lambda: self._read_from_store(name)).slot
+
+    def load(self, name: str) -> ResidentAdapter:
+        """Makes ``name`` resident without pinning it (the admin API's load)."""
+        return self._ensure(name, pin=False, loader=lambda: self._read_from_store(name))
+
+    def acquire_computed(
+        self, name: str, compute: Callable[[], LoRAWeights], spec: dict | None = None
+    ) -> int:
+        """Like :meth:`acquire` for an adapter computed in memory (a merge), computed at most once."""
+        return self._ensure(name, pin=True, loader=compute, origin="merge", spec=spec).slot
+
+    def release(self, name: str) -> None:
+        with self.lock:
+            resident = self._resident.get(name)
+            if resident is not None and resident.pins > 0:
+                resident.pins -= 1
+
+    def unload(self, name: str) -> bool:
+        """Frees the slot of ``name``; False if it was not resident."""
+        with self._name_lock(name), self.lock:
+            resident = self._resident.get(name)
+            if resident is None:
+                return False
+            if resident.pins:
+                raise AdapterInUse(name, resident.pins)
+            self._drop(resident)
+            return True
+
+    def forget(self, name: str) -> None:
+        """Drops a resident copy whose files changed on disk (upload or delete); waits for no one."""
+        with self._name_lock(name), self.lock:
+            resident = self._resident.get(name)
+            if resident is not None:
+                if resident.pins:
+                    raise AdapterInUse(name, resident.pins)
+                self._drop(resident)
+
+    # ----------------------------------------------------------------- internals
+    def _read_from_store(self, name: str) -> LoRAWeights:
+        folder = self.store.require(name)
+        return load_lora_weights(name, folder, self.lora.linear_shapes, self.max_rank, dtype=self._dtype)
+
+    def _ensure(
+        self,
+        name: str,
+        pin: bool,
+        loader: Callable[[], LoRAWeights],
+        origin: str = "store",
+        spec: dict | None = None,
+    ) -> ResidentAdapter:
+        with self._name_lock(name):
+            with self.lock:
+                resident = self._resident.get(name)
+                if resident is not None:
+                    self._resident.move_to_end(name)
+                    resident.pins += int(pin)
+                    return resident
+            started = time.perf_counter()
+            weights = loader()  # disk read + validation, outside the bank lock
+            with self.lock:
+                slot = self._take_slot()
+                self.lora.install(slot, weights)
+                elapsed = time.perf_counter() - started
+                resident = ResidentAdapter(
+                    name, slot, weights, elapsed, pins=int(pin), origin=origin, spec=spec
+                )
+                self._resident[name] = resident
+                self.stats.loads += 1
+                self.stats.load_seconds_total += elapsed
+                self.stats.last_load_seconds = elapsed
+            logger.info("adapter %s loaded into slot %d in %.1f ms", name, slot, elapsed * 1e3)
+            return resident
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        for resident in self._resident.values():  # oldest first
+            if resident.pins == 0:
+                logger.info("evicting idle adapter %s (least recently used)", resident.name)
+                self.stats.evictions += 1
+                self._drop(resident)
+                return self._free_slots.pop()
+        raise AdapterBusy(self.max_loaded)
+
+    def _drop(self, resident: ResidentAdapter) -> None:
+        self.lora.clear(resident.slot)
+        del self._resident[resident.name]
+        self._free_slots.append(resident.slot)
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._name_locks_guard:
+            return self._name_locks.setdefault(name, threading.Lock())

@@ -1,0 +1,1 @@
+"""The deployable server: configuration, the HTTP API and the generation engine."""

@@ -1,0 +1,1 @@
+"""The HTTP edge: OpenAI-compatible routes, wire models and the error mapping."""

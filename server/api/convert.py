@@ -1,0 +1,127 @@
+"""The one place where a wire request becomes the engine's GenerationRequests."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+
+from adapters.errors import AdapterNotFound
+from adapters.store import check_adapter_name
+from server.api.deps import ServingState
+from server.api.errors import APIError
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.engine.types import ContextLengthExceeded, GenerationRequest, SamplingParams
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request: its id, adapter, and one GenerationRequest per choice (``n``)."""
+
+    request_id: str
+    adapter: str | None
+    model_name: str
+    generations: list[GenerationRequest]  # prompt p, choice i at index p * n + i
+    n: int = 1
+
+
+def resolve_adapter(state: ServingState, body: SamplingFields) -> str | None:
+    """Which adapter a request names: the ``adapter`` field, or ``model`` set to an adapter's name."""
+    model, adapter = body.model, body.adapter
+    base_id = state.model_id
+    if adapter is not None:
+        if model not in (None, "", base_id, adapter):
+            raise APIError(
+                400,
+                f"'model' ({model}) and 'adapter' ({adapter}) name different models; send one of them.",
+                code="model_adapter_conflict",
+                param="adapter",
+            )
+        name, param = adapter, "adapter"
+    elif model and model != base_id:
+        name, param = model, "model"
+    else:
+        return None
+    try:
+        check_adapter_name(name)
+    except ValueError:
+        # An impossible name is simply not a model we have: same answer as a missing one.
+        raise _not_found(name, param) from None
+    if not state.store.exists(name) and not state.registry.is_loaded(name):
+        raise _not_found(name, param)
+    return name
+
+
+def _not_found(name: str, param: str) -> AdapterNotFound:
+    err = AdapterNotFound(name)
+    err.param = param
+    return err
+
+
+def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    n_max = state.settings.max_n
+    if body.n > n_max:
+        raise APIError(400, f"n must be at most {n_max}", code="invalid_value", param="n")
+    return SamplingParams(
+        max_tokens=max_tokens or state.settings.default_max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=max(body.top_k, 0),
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def chat_prompt_ids(state: ServingState, body: ChatCompletionRequest) -> list[int]:
+    """Renders the messages with the tokenizer's chat template, exactly as training does."""
+    tokenizer = state.base.tokenizer
+    messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's input
+        raise APIError(400, f"messages cannot be rendered by the chat template: {e}", param="messages") from e
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _template_role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def prepare(
+    state: ServingState, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None
+) -> PreparedRequest:
+    """Builds the engine requests for each prompt × ``n`` choices, after every check that can fail."""
+    params = sampling_params(state, body, max_tokens)
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(ids) + params.max_tokens > state.context_length:
+            raise ContextLengthExceeded(len(ids), params.max_tokens, state.context_length)
+    adapter = resolve_adapter(state, body)
+    request_id = uuid.uuid4().hex[:24]
+    generations = []
+    for p, ids in enumerate(prompts):
+        for i in range(body.n):
+            choice = p * body.n + i
+            seeded = params if params.seed is None else _with_seed(params, params.seed + choice)
+            generations.append(GenerationRequest(f"{request_id}-{choice}", list(ids), seeded, adapter))
+    return PreparedRequest(request_id, adapter, adapter or state.model_id, generations, body.n)
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return replace(params, seed=seed)
+
+
+def completion_prompts(state: ServingState, body: CompletionRequest) -> list[list[int]]:
+    tokenizer = state.base.tokenizer
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    if all(isinstance(p, int) for p in prompt):
+        vocab = len(tokenizer)
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        return [list(prompt)]
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt]

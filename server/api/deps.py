@@ -1,0 +1,38 @@
+"""What the routes need from the running app, as FastAPI dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from adapters.base_model import BaseModel
+from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
+from server.config import Settings
+from server.engine.engine import LLMEngine
+
+
+@dataclass
+class ServingState:
+    """The heavy objects built once in the app's lifespan."""
+
+    settings: Settings
+    base: BaseModel
+    store: AdapterStore
+    registry: AdapterRegistry
+    engine: LLMEngine
+    context_length: int
+    rag: Any = None  # rag.CollectionManager, when RAG is enabled
+
+    @property
+    def model_id(self) -> str:
+        return self.base.model_id
+
+
+def get_state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+State = Annotated[ServingState, Depends(get_state)]

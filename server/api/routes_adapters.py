@@ -1,0 +1,177 @@
+"""Adapter administration: list, load, unload, upload, delete (plus vLLM's load/unload routes)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fastapi import APIRouter, File, Query, UploadFile
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from adapters.errors import AdapterNotFound
+from adapters.lora import load_lora_weights
+from adapters.store import CONFIG_FILE, WEIGHTS_FILE, check_adapter_name
+from server.api.deps import ServingState, State
+from server.api.errors import APIError
+from server.api.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+
+router = APIRouter(tags=["adapters"])
+
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+
+
+def describe(state: ServingState, name: str) -> dict:
+    info = state.store.describe(name)
+    resident = state.registry.get(name)
+    entry = {
+        "name": name,
+        "status": "loaded" if resident else "on_disk",
+        "rank": info.rank,
+        "alpha": info.alpha,
+        "target_modules": info.target_modules,
+        "size_bytes": info.size_bytes,
+        "base_model": Path(info.base_model).name if info.base_model else None,
+        "slot": resident.slot if resident else None,
+        "requests_in_flight": resident.pins if resident else 0,
+    }
+    if info.card:
+        entry["training"] = _card_summary(info.card)
+        card_hash = info.card.get("base_model_sha256") or info.card.get("base_model", {}).get(
+            "weights_sha256"
+        )
+        if card_hash and card_hash != state.base.weights_sha256:
+            entry["warning"] = "trained on a different base model (weights hash differs from the loaded base)"
+    return entry
+
+
+def _card_summary(card: dict) -> dict:
+    keys = (
+        "base_model_id",
+        "created_at",
+        "rows",
+        "epochs",
+        "final_eval_loss",
+        "final_train_loss",
+        "wall_seconds",
+    )
+    summary = {k: card[k] for k in keys if k in card}
+    if "summary" in card and isinstance(card["summary"], dict):
+        summary.update(card["summary"])
+    return summary
+
+
+@router.get("/v1/adapters")
+def list_adapters(state: State) -> dict:
+    data = [describe(state, name) for name in state.store.names()]
+    for resident in state.registry.resident():
+        if resident.origin != "store":
+            data.append(
+                {
+                    "name": resident.name,
+                    "status": "loaded",
+                    "origin": resident.origin,
+                    "spec": resident.spec,
+                    "rank": resident.weights.rank,
+                    "slot": resident.slot,
+                    "requests_in_flight": resident.pins,
+                }
+            )
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/adapters/{name}/load")
+async def load_adapter(name: str, state: State) -> dict:
+    resident = await run_in_threadpool(state.registry.load, name)
+    return {
+        "name": name,
+        "status": "loaded",
+        "slot": resident.slot,
+        "load_ms": round(resident.load_seconds * 1e3, 2),
+    }
+
+
+@router.post("/v1/adapters/{name}/unload")
+async def unload_adapter(name: str, state: State) -> dict:
+    check_adapter_name(name)
+    was_loaded = await run_in_threadpool(state.registry.unload, name)
+    if not was_loaded and not state.store.exists(name):
+        raise AdapterNotFound(name)
+    return {"name": name, "status": "on_disk", "unloaded": was_loaded}
+
+
+@router.put("/v1/adapters/{name}", status_code=201)
+async def upload_adapter(
+    name: str,
+    state: State,
+    adapter_config: UploadFile = File(..., description=CONFIG_FILE),
+    adapter_model: UploadFile = File(..., description=WEIGHTS_FILE),
+    overwrite: bool = Query(False),
+) -> dict:
+    """Stores an adapter from its two files after validating it against the base model."""
+    check_adapter_name(name)
+    config_bytes = await _read_limited(adapter_config)
+    weights_bytes = await _read_limited(adapter_model)
+    await run_in_threadpool(_validate_and_store, state, name, config_bytes, weights_bytes, overwrite)
+    return describe(state, name)
+
+
+async def _read_limited(upload: UploadFile) -> bytes:
+    data = await upload.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise APIError(
+            413, f"adapter files must be at most {MAX_UPLOAD_BYTES} bytes", code="upload_too_large"
+        )
+    return data
+
+
+def _validate_and_store(
+    state: ServingState, name: str, config: bytes, weights: bytes, overwrite: bool
+) -> None:
+    staged = state.store.staging_dir(name)
+    try:
+        (staged / CONFIG_FILE).write_bytes(config)
+        (staged / WEIGHTS_FILE).write_bytes(weights)
+        load_lora_weights(name, staged, state.registry.lora.linear_shapes, state.registry.max_rank)
+        if overwrite:
+            state.registry.forget(name)
+        state.store.commit_staged(staged, name, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+@router.delete("/v1/adapters/{name}")
+async def delete_adapter(name: str, state: State) -> dict:
+    state.store.require(name)
+    await run_in_threadpool(state.registry.forget, name)
+    await run_in_threadpool(state.store.delete, name)
+    return {"name": name, "deleted": True}
+
+
+# ---------------------------------------------------------------- vLLM compatibility
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def vllm_load(body: LoadLoraAdapterRequest, state: State) -> str:
+    name = check_adapter_name(body.lora_name)
+    if body.lora_path:
+        expected = state.store.path_for(name).resolve()
+        given = Path(body.lora_path)
+        if not given.is_absolute():
+            given = state.store.root / given
+        if given.resolve() != expected:
+            raise APIError(
+                400,
+                "lora_path must be the folder named lora_name inside the server's adapter store",
+                code="invalid_lora_path",
+                param="lora_path",
+            )
+    await run_in_threadpool(state.registry.load, name)
+    return f"Success: LoRA adapter '{name}' added successfully."
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def vllm_unload(body: UnloadLoraAdapterRequest, state: State) -> str:
+    name = check_adapter_name(body.lora_name)
+    if not await run_in_threadpool(state.registry.unload, name):
+        raise AdapterNotFound(name)
+    return f"Success: LoRA adapter '{name}' removed successfully."

@@ -1,0 +1,55 @@
+"""Turning a batch of next-token logits into tokens, each row with its own parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.types import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, output_ids: list[int], params: SamplingParams) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties over the tokens generated so far (one row, (V,))."""
+    if not output_ids or (params.presence_penalty == 0.0 and params.frequency_penalty == 0.0):
+        return logits
+    ids = torch.tensor(output_ids, device=logits.device)
+    counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+    return (
+        logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    )
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Masks out tokens outside the top-k and outside the top-p nucleus (one row, (V,))."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token crossing top_p
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return logits
+
+
+def sample_row(
+    logits: torch.Tensor, output_ids: list[int], params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """Picks the next token for one sequence from its logits ``(V,)``."""
+    logits = apply_penalties(logits.float(), output_ids, params)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A per-request generator: seeded when the request gives a seed, so the same request repeats."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device="cpu" if device.type != "cuda" else device)
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    return generator

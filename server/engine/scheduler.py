@@ -1,0 +1,85 @@
+"""Iteration-level scheduling: a waiting queue and a running batch that sequences join and leave per step."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.types import GenerationOutput, GenerationRequest
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request's state inside the engine."""
+
+    request: GenerationRequest
+    emit: Callable[[GenerationOutput], None]
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text_sent: str = ""
+    row: int | None = None  # its row in the KV cache while running
+    cancelled: bool = False
+    finished: bool = False
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+class Scheduler:
+    """Decides which sequences run at the next step.
+
+    Args:
+        max_running: the most sequences decoded together (the batch size cap).
+        max_prefills_per_step: how many waiting sequences are prefilled before each decode step, which
+            bounds how long a decode step of the running batch can be delayed by arrivals.
+    """
+
+    def __init__(self, max_running: int, max_prefills_per_step: int):
+        self.max_running = max_running
+        self.max_prefills_per_step = max_prefills_per_step
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # index i == row i of the KV cache
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def next_prefills(self) -> list[Sequence]:
+        """The waiting sequences to prefill now (they join the running batch this step)."""
+        room = min(self.max_running - len(self.running), self.max_prefills_per_step)
+        batch = []
+        while self.waiting and len(batch) < room:
+            seq = self.waiting.popleft()
+            if not seq.cancelled:
+                batch.append(seq)
+        return batch
+
+    def join(self, seq: Sequence, row: int) -> None:
+        if row != len(self.running):
+            raise RuntimeError(f"KV row {row} does not match running index {len(self.running)}")
+        seq.row = row
+        self.running.append(seq)
+
+    def leave(self, seq: Sequence, moved_from: int | None) -> None:
+        """Removes ``seq`` from the batch; the sequence at ``moved_from`` takes its row (swap-remove)."""
+        row = seq.row
+        last = self.running.pop()
+        if moved_from is not None and last is not seq:
+            self.running[row] = last
+            last.row = row
+        seq.row = None
+
+    def drop_cancelled_waiting(self) -> list[Sequence]:
+        dropped = [s for s in self.waiting if s.cancelled]
+        if dropped:
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        return dropped
