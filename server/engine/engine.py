@@ -174,8 +174,9 @@ class LLMEngine:
                 self._finish(seq, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
             return
         self.stats.steps += 1
-        for seq in list(self.scheduler.running):
-            token = sample_row(logits[seq.row], seq.output_ids, seq.request.sampling, seq.generator)
+        # Rows move when a sequence leaves (swap-remove), so pair each sequence with its row first.
+        for row, seq in enumerate(list(self.scheduler.running)):
+            token = sample_row(logits[row], seq.output_ids, seq.request.sampling, seq.generator)
             self._on_token(seq, token)
 
     def _prefill(self, seq: Sequence) -> None:
