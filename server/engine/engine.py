@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from adapters.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
 from server.engine.sampling import make_generator, sample_row
@@ -127,7 +129,9 @@ class LLMEngine:
                 self._last_beat = time.monotonic()
                 self._drain_inbox(block=not self.scheduler.has_work())
                 if self.scheduler.has_work():
-                    with self.registry.lock:
+                    # Inference mode for the whole step: the KV buffers are (re)allocated and edited
+                    # in place both inside forward passes and between them.
+                    with self.registry.lock, torch.inference_mode():
                         self._step()
         except BaseException as e:  # a fatal error: fail everyone, mark the engine dead
             self._error = e

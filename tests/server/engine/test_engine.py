@@ -161,3 +161,17 @@ def test_batched_decode_logits_match_solo_in_fp32(engine):
     for r in range(len(PROMPTS)):
         for alone, together in zip(run([r])[0], batched[r]):
             torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)
+
+
+def test_many_rows_and_long_outputs_grow_the_cache(engine64):
+    """More rows than the initial KV allocation and more columns than its first size (buffers regrow)."""
+    eng, tok = engine64
+    params = SamplingParams(max_tokens=90, temperature=0.0, ignore_eos=True)
+    queues = [
+        submit(eng, tok, f"grow{i}", PROMPTS[i % 4] * (1 + i % 3), ADAPTERS[i % 4], params) for i in range(10)
+    ]
+    results = [collect(q) for q in queues]
+    assert all(r[0] == 90 and r[2] == "length" for r in results)
+    assert eng.health().alive
+    again = collect(submit(eng, tok, "after", PROMPTS[1] * 2, ADAPTERS[1], params))
+    assert again[1] == results[1][1]
