@@ -6,15 +6,20 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.base_model import load_base_model, resolve_base_model
 from adapters.batched_lora import BatchedLoRAModel
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from server.api import routes_adapters, routes_health, routes_openai
+from server.api.auth import Caller, KeyRing
 from server.api.deps import ServingState
 from server.api.errors import install_error_handlers
+from server.api.limits import RequestLimitsMiddleware
+from server.api.request_context import RequestContextMiddleware
 from server.config import Settings
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
 from server.engine.runner import ModelRunner
@@ -41,12 +46,21 @@ def build_state(settings: Settings) -> ServingState:
     return ServingState(settings, base, store, registry, engine, context_length)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Builds the FastAPI app; heavy objects are created in the lifespan, never at import."""
+def create_app(settings: Settings, on_fatal=None) -> FastAPI:
+    """Builds the FastAPI app; heavy objects are created in the lifespan, never at import.
+
+    Args:
+        settings: the server settings.
+        on_fatal: called (from the engine thread) if the engine loop dies, so that the process can
+            exit non-zero and a supervisor restart it.
+    """
+    keyring = KeyRing.from_file(settings.api_keys_file) if settings.api_keys_file else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = build_state(settings)
+        state.engine.on_fatal = on_fatal
+        state.metrics.bind(state)
         state.engine.start()
         app.state.serving = state
         logger.info("serving %s with adapters from %s", state.model_id, settings.adapter_dir)
@@ -54,10 +68,30 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             state.engine.stop()
+            logger.info("engine stopped")
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app.state.keyring = keyring
     install_error_handlers(app)
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_headers=settings.max_headers,
+    )
+    app.add_middleware(RequestContextMiddleware, metrics_getter=lambda: _metrics_of(app))
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_adapters.router)
+
+    @app.get("/metrics", tags=["health"])
+    def metrics(request: Request, _: Caller) -> Response:
+        state = request.app.state.serving
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     return app
+
+
+def _metrics_of(app: FastAPI):
+    state = getattr(app.state, "serving", None)
+    return state.metrics if state is not None else None

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
+import json
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import get_args
 
+import yaml
 from pydantic import ValidationError
 
 from server.config import Settings
@@ -31,28 +37,50 @@ def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraplex serve",
         description="Start the OpenAI-compatible multi-adapter server. Every flag is also an environment "
-        "variable: --max-loaded-adapters N is LORAPLEX_MAX_LOADED_ADAPTERS=N; flags win over it.",
+        "variable: --max-loaded-adapters N is LORAPLEX_MAX_LOADED_ADAPTERS=N; flags win over it, and "
+        "both win over --config.",
     )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (snake_case keys)")
     for name, field in Settings.model_fields.items():
-        choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
-        default = field.default
         env = "LORAPLEX_" + name.upper()
+        help_text = f"{field.description} (env {env}; default: {field.default})"
+        if field.annotation is bool:
+            parser.add_argument(
+                _flag(name), dest=name, action="store_const", const=True, default=None, help=help_text
+            )
+            continue
+        choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
         parser.add_argument(
             _flag(name),
             dest=name,
             default=None,
             choices=choices or None,
             metavar=None if choices else name.upper(),
-            help=f"{field.description} (env {env}; default: {default})",
+            help=help_text,
         )
     return parser
 
 
 def load_settings(argv: list[str]) -> Settings:
-    args = serve_parser().parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    """Settings from flags > ``LORAPLEX_*`` environment > config file > defaults; fails naming the setting."""
+    args = vars(serve_parser().parse_args(argv))
+    config_file = args.pop("config")
+    values: dict = {}
+    if config_file:
+        try:
+            text = Path(config_file).read_text()
+            loaded = json.loads(text) if config_file.endswith(".json") else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise SystemExit(f"loraplex serve: cannot read --config {config_file}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"loraplex serve: --config {config_file} must hold a mapping of settings")
+        unknown = sorted(set(loaded) - set(Settings.model_fields))
+        if unknown:
+            raise SystemExit(f"loraplex serve: unknown settings in --config: {', '.join(unknown)}")
+        values = {k: v for k, v in loaded.items() if "LORAPLEX_" + k.upper() not in os.environ}
+    values.update({k: v for k, v in args.items() if v is not None})
     try:
-        return Settings(**given)
+        return Settings(**values)
     except ValidationError as e:
         problems = "; ".join(
             f"{_flag(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}" for err in e.errors()
@@ -60,19 +88,50 @@ def load_settings(argv: list[str]) -> Settings:
         raise SystemExit(f"loraplex serve: invalid settings: {problems}") from None
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def serve(argv: list[str]) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.logs import configure_logging
 
     settings = load_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_json)
+    log = logging.getLogger("loraplex")
+    if settings.api_keys_file is None:
+        if not _is_loopback(settings.host) and not settings.allow_unauthenticated:
+            raise SystemExit(
+                f"loraplex serve: refusing to bind {settings.host} without API keys; give --api-keys-file, "
+                "or --allow-unauthenticated if the network is trusted"
+            )
+        log.warning("no API keys configured: every caller is an admin (fine on loopback, not beyond)")
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    return 0
+    fatal = threading.Event()
+
+    def on_fatal() -> None:
+        fatal.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # graceful stop; the exit code below says it failed
+
+    try:
+        app = create_app(settings, on_fatal=on_fatal)
+    except ValueError as e:  # e.g. an invalid keys file
+        raise SystemExit(f"loraplex serve: {e}") from None
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+    return 1 if fatal.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,23 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     max_n: int = Field(8, ge=1, le=128, description="largest n (choices per request)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_json: bool = Field(False, description="log one JSON object per line (with request ids)")
+    api_keys_file: Path | None = Field(None, description="YAML/JSON keys file; every route then needs a key")
+    allow_unauthenticated: bool = Field(
+        False, description="allow binding a non-loopback address without API keys"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body (413 beyond)")
+    max_upload_bytes: int = Field(256 << 20, ge=1024, description="largest multipart upload (413 beyond)")
+    max_headers: int = Field(64, ge=8, description="most request headers (431 beyond)")
+    max_prompt_tokens: int = Field(8192, ge=1, description="largest prompt in tokens (400 beyond)")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_pending: int = Field(
+        256, ge=1, description="running + queued sequences; beyond it requests get 429 at once"
+    )
+    request_timeout_seconds: float = Field(600.0, gt=0, description="a generation is cancelled after this")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish"
+    )
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

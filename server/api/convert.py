@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterNotFound
 from adapters.store import check_adapter_name
+from server.api.auth import Principal
 from server.api.deps import ServingState
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -24,8 +25,11 @@ class PreparedRequest:
     n: int = 1
 
 
-def resolve_adapter(state: ServingState, body: SamplingFields) -> str | None:
-    """Which adapter a request names: the ``adapter`` field, or ``model`` set to an adapter's name."""
+def resolve_adapter(state: ServingState, body: SamplingFields, principal: Principal) -> str | None:
+    """Which adapter a request names: the ``adapter`` field, or ``model`` set to an adapter's name.
+
+    A name outside the caller's allow-list gets the same 404 as a missing one (no existence oracle).
+    """
     model, adapter = body.model, body.adapter
     base_id = state.model_id
     if adapter is not None:
@@ -46,6 +50,8 @@ def resolve_adapter(state: ServingState, body: SamplingFields) -> str | None:
     except ValueError:
         # An impossible name is simply not a model we have: same answer as a missing one.
         raise _not_found(name, param) from None
+    if not principal.may_use_adapter(name):
+        raise _not_found(name, param)
     if not state.store.exists(name) and not state.registry.is_loaded(name):
         raise _not_found(name, param)
     return name
@@ -61,6 +67,9 @@ def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int |
     n_max = state.settings.max_n
     if body.n > n_max:
         raise APIError(400, f"n must be at most {n_max}", code="invalid_value", param="n")
+    limit = state.settings.max_tokens_limit
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"max_tokens must be at most {limit}", code="invalid_value", param="max_tokens")
     return SamplingParams(
         max_tokens=max_tokens or state.settings.default_max_tokens,
         temperature=body.temperature,
@@ -90,16 +99,27 @@ def _template_role(role: str) -> str:
 
 
 def prepare(
-    state: ServingState, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None
+    state: ServingState,
+    body: SamplingFields,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    principal: Principal,
 ) -> PreparedRequest:
     """Builds the engine requests for each prompt × ``n`` choices, after every check that can fail."""
     params = sampling_params(state, body, max_tokens)
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
+        if len(ids) > state.settings.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; the limit is {state.settings.max_prompt_tokens}",
+                code="prompt_too_long",
+                param="prompt",
+            )
         if len(ids) + params.max_tokens > state.context_length:
             raise ContextLengthExceeded(len(ids), params.max_tokens, state.context_length)
-    adapter = resolve_adapter(state, body)
+    adapter = resolve_adapter(state, body, principal)
     request_id = uuid.uuid4().hex[:24]
     generations = []
     for p, ids in enumerate(prompts):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -10,8 +11,10 @@ from fastapi import Depends, Request
 from adapters.base_model import BaseModel
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
+from server.api.limits import RateLimiter
 from server.config import Settings
 from server.engine.engine import LLMEngine
+from server.metrics import ServerMetrics
 
 
 @dataclass
@@ -25,6 +28,10 @@ class ServingState:
     engine: LLMEngine
     context_length: int
     rag: Any = None  # rag.CollectionManager, when RAG is enabled
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    pending: int = 0  # sequences admitted by the API and not finished (bounded by max_pending)
+    pending_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def model_id(self) -> str:

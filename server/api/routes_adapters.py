@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from adapters.errors import AdapterNotFound
 from adapters.lora import load_lora_weights
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE, check_adapter_name
+from server.api.auth import Admin, Caller
 from server.api.deps import ServingState, State
 from server.api.errors import APIError
 from server.api.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
@@ -62,10 +63,10 @@ def _card_summary(card: dict) -> dict:
 
 
 @router.get("/v1/adapters")
-def list_adapters(state: State) -> dict:
-    data = [describe(state, name) for name in state.store.names()]
+def list_adapters(state: State, caller: Caller) -> dict:
+    data = [describe(state, name) for name in state.store.names() if caller.may_use_adapter(name)]
     for resident in state.registry.resident():
-        if resident.origin != "store":
+        if resident.origin != "store" and caller.may_use_adapter(resident.name):
             data.append(
                 {
                     "name": resident.name,
@@ -81,7 +82,7 @@ def list_adapters(state: State) -> dict:
 
 
 @router.post("/v1/adapters/{name}/load")
-async def load_adapter(name: str, state: State) -> dict:
+async def load_adapter(name: str, state: State, _: Admin) -> dict:
     resident = await run_in_threadpool(state.registry.load, name)
     return {
         "name": name,
@@ -92,7 +93,7 @@ async def load_adapter(name: str, state: State) -> dict:
 
 
 @router.post("/v1/adapters/{name}/unload")
-async def unload_adapter(name: str, state: State) -> dict:
+async def unload_adapter(name: str, state: State, _: Admin) -> dict:
     check_adapter_name(name)
     was_loaded = await run_in_threadpool(state.registry.unload, name)
     if not was_loaded and not state.store.exists(name):
@@ -104,6 +105,7 @@ async def unload_adapter(name: str, state: State) -> dict:
 async def upload_adapter(
     name: str,
     state: State,
+    _: Admin,
     adapter_config: UploadFile = File(..., description=CONFIG_FILE),
     adapter_model: UploadFile = File(..., description=WEIGHTS_FILE),
     overwrite: bool = Query(False),
@@ -142,7 +144,7 @@ def _validate_and_store(
 
 
 @router.delete("/v1/adapters/{name}")
-async def delete_adapter(name: str, state: State) -> dict:
+async def delete_adapter(name: str, state: State, _: Admin) -> dict:
     state.store.require(name)
     await run_in_threadpool(state.registry.forget, name)
     await run_in_threadpool(state.store.delete, name)
@@ -151,7 +153,7 @@ async def delete_adapter(name: str, state: State) -> dict:
 
 # ---------------------------------------------------------------- vLLM compatibility
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
-async def vllm_load(body: LoadLoraAdapterRequest, state: State) -> str:
+async def vllm_load(body: LoadLoraAdapterRequest, state: State, _: Admin) -> str:
     name = check_adapter_name(body.lora_name)
     if body.lora_path:
         expected = state.store.path_for(name).resolve()
@@ -170,7 +172,7 @@ async def vllm_load(body: LoadLoraAdapterRequest, state: State) -> str:
 
 
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
-async def vllm_unload(body: UnloadLoraAdapterRequest, state: State) -> str:
+async def vllm_unload(body: UnloadLoraAdapterRequest, state: State, _: Admin) -> str:
     name = check_adapter_name(body.lora_name)
     if not await run_in_threadpool(state.registry.unload, name):
         raise AdapterNotFound(name)

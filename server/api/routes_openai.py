@@ -11,10 +11,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api import convert
+from server.api.auth import Caller, Principal
 from server.api.deps import ServingState, State
-from server.api.errors import error_body, error_response, status_for
+from server.api.errors import error_response
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
-from server.api.streams import generate, pin_adapter
+from server.api.streams import admit, finish_admission, generate, pin_adapter
 from server.engine.types import GenerationOutput
 
 router = APIRouter(tags=["openai"])
@@ -31,13 +32,13 @@ class Choice:
 
 
 @router.get("/v1/models")
-def list_models(state: State) -> dict:
+def list_models(state: State, caller: Caller) -> dict:
     created = int(state.base.path.stat().st_mtime) if state.base.path.exists() else 0
     data = [
         {"id": state.model_id, "object": "model", "created": created, "owned_by": "loraplex", "parent": None}
     ]
     names = set(state.store.names()) | {r.name for r in state.registry.resident()}
-    for name in sorted(names):
+    for name in sorted(n for n in names if caller.may_use_adapter(n)):
         data.append(
             {
                 "id": name,
@@ -51,23 +52,35 @@ def list_models(state: State) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, caller: Caller):
     prompt_ids = convert.chat_prompt_ids(state, body)
-    prepared = convert.prepare(state, body, [prompt_ids], body.max_completion_tokens or body.max_tokens)
-    return await _respond(state, prepared, body, request, chat=True)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    prepared = convert.prepare(state, body, [prompt_ids], max_tokens, caller)
+    return await _respond(state, prepared, body, request, caller, chat=True)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, state: State):
+async def completions(body: CompletionRequest, request: Request, state: State, caller: Caller):
     prompts = convert.completion_prompts(state, body)
-    prepared = convert.prepare(state, body, prompts, body.max_tokens)
-    return await _respond(state, prepared, body, request, chat=False)
+    prepared = convert.prepare(state, body, prompts, body.max_tokens, caller)
+    return await _respond(state, prepared, body, request, caller, chat=False)
 
 
 async def _respond(
-    state: ServingState, prepared: convert.PreparedRequest, body, request: Request, chat: bool
+    state: ServingState,
+    prepared: convert.PreparedRequest,
+    body,
+    request: Request,
+    caller: Principal,
+    chat: bool,
 ):
-    await pin_adapter(state, prepared)
+    request.state.adapter = prepared.adapter
+    admit(state, prepared, caller)
+    try:
+        await pin_adapter(state, prepared)
+    except BaseException:
+        finish_admission(state, prepared)
+        raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream_events(state, prepared, chat, include_usage)
@@ -139,6 +152,12 @@ def _final_body(prepared: convert.PreparedRequest, choices: list[Choice], chat: 
     }
 
 
+def _sse_error(exc: BaseException) -> str:
+    """An SSE ``error`` event carrying the OpenAI error body (message only, never a traceback)."""
+    response = error_response(exc)
+    return f"event: error\ndata: {response.body.decode()}\n\n"
+
+
 def _sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
@@ -177,14 +196,17 @@ async def _stream_events(
         async for i, output in stream:
             _accumulate(choices[i], output)
             if output.error is not None:
-                status = status_for(output.error)
-                yield f"event: error\ndata: {json.dumps(error_body(status, str(output.error)))}\n\n"
+                yield _sse_error(output.error)
                 yield _sse("[DONE]")
                 return
             if output.text_delta:
                 yield _sse(chunk(i, output.text_delta, None))
             if output.finished:
                 yield _sse(chunk(i, None if chat else "", output.finish_reason))
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
+        yield _sse_error(e)
+        yield _sse("[DONE]")
+        return
     finally:
         await stream.aclose()
     if include_usage:

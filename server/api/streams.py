@@ -4,15 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
+from server.api.auth import Principal
 from server.api.convert import PreparedRequest
 from server.api.deps import ServingState
+from server.api.errors import APIError
 from server.engine.types import GenerationOutput
 
 logger = logging.getLogger(__name__)
+
+
+def admit(state: ServingState, prepared: PreparedRequest, principal: Principal) -> None:
+    """Bounded admission and per-key rate limits; refuses at once with 429 rather than queueing."""
+    sequences = len(prepared.generations)
+    tokens = sum(len(g.prompt_token_ids) + g.sampling.max_tokens for g in prepared.generations)
+    try:
+        state.rate_limiter.admit(principal, tokens)
+    except APIError:
+        state.metrics.rejected.labels("rate_limit").inc()
+        raise
+    with state.pending_lock:
+        if state.pending + sequences > state.settings.max_pending:
+            state.metrics.rejected.labels("overloaded").inc()
+            raise APIError(
+                429,
+                f"The server is at its limit of {state.settings.max_pending} sequences; retry shortly.",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
+        state.pending += sequences
+
+
+def finish_admission(state: ServingState, prepared: PreparedRequest) -> None:
+    with state.pending_lock:
+        state.pending -= len(prepared.generations)
 
 
 async def pin_adapter(state: ServingState, prepared: PreparedRequest) -> None:
@@ -35,27 +64,45 @@ async def generate(
 ) -> AsyncIterator[tuple[int, GenerationOutput]]:
     """Yields ``(choice index, output)`` until every choice has finished.
 
-    The adapter must already be pinned (:func:`pin_adapter`). If the consumer stops early (client
-    disconnect, cancellation), every unfinished generation is cancelled in the engine, which frees
-    its batch row at the next step.
+    The request must be admitted and its adapter pinned (:func:`admit`, :func:`pin_adapter`). If the
+    consumer stops early (client disconnect, cancellation) or the request times out, every unfinished
+    generation is cancelled in the engine, which frees its batch row at the next step.
     """
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
     index = {gen.request_id: i for i, gen in enumerate(prepared.generations)}
     unfinished = set(index)
+    metrics = state.metrics
+    deadline = time.monotonic() + state.settings.request_timeout_seconds
 
     def emit(output: GenerationOutput) -> None:  # called on the engine thread
         loop.call_soon_threadsafe(outputs.put_nowait, output)
 
     submitted = 0
+    started = last = time.perf_counter()
+    first = True
     try:
         for gen in prepared.generations:
             state.engine.submit(gen, emit)
             submitted += 1
         while unfinished:
-            output = await outputs.get()
+            try:
+                output = await asyncio.wait_for(outputs.get(), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise APIError(
+                    504, "The request timed out before generation finished.", code="request_timeout"
+                ) from None
+            now = time.perf_counter()
+            if first:
+                metrics.ttft.observe(now - started)
+                first = False
+            else:
+                metrics.itl.observe(now - last)
+            last = now
             if output.finished:
                 unfinished.discard(output.request_id)
+                metrics.generated_tokens.inc(output.completion_tokens)
+                metrics.prompt_tokens.inc(output.prompt_tokens)
             yield index[output.request_id], output
     finally:
         for gen in prepared.generations[:submitted]:
@@ -64,3 +111,4 @@ async def generate(
         if prepared.adapter is not None:
             for _ in prepared.generations[submitted:]:  # never reached the engine, which releases the rest
                 state.registry.release(prepared.adapter)
+        finish_admission(state, prepared)

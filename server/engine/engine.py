@@ -85,6 +85,7 @@ class LLMEngine:
         self._stop = threading.Event()
         self._last_beat = time.monotonic()
         self._error: BaseException | None = None
+        self.on_fatal: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ public interface
     def start(self) -> None:
@@ -113,6 +114,10 @@ class LLMEngine:
         """Stops a request (a client went away); its batch row is freed at the next step."""
         self._inbox.put(("cancel", request_id))
 
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
     def health(self) -> EngineHealth:
         alive = self._thread is not None and self._thread.is_alive() and self._error is None
         return EngineHealth(
@@ -138,6 +143,8 @@ class LLMEngine:
             logger.critical("engine loop died: %r", e, exc_info=e)
             for seq in list(self._by_id.values()):
                 self._finish(seq, "error", error=GenerationFailed("The generation engine failed."))
+            if self.on_fatal is not None:
+                self.on_fatal()
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -78,7 +78,7 @@ class BatchKVCache:
 
     # ------------------------------------------------------------------ rows
     def add_row(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Adds a prefilled sequence from its per-layer ``(1, kv_heads, t, head_dim)`` K/V; returns its row."""
+        """Adds a prefilled sequence (per-layer ``(1, kv_heads, t, head_dim)`` K/V); returns its row."""
         t = layers[0][0].shape[-2]
         if t > self.length:
             self._shift_right(t - self.length)

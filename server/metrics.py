@@ -1,0 +1,55 @@
+"""Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    """Every metric the server exports at ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraplex_requests", "HTTP requests", ["route", "status", "adapter"], registry=r
+        )
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("loraplex_generated_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "loraplex_inter_token_latency_seconds",
+            "time between streamed updates",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter("loraplex_rejected_requests", "requests refused", ["reason"], registry=r)
+        self.queue_depth = Gauge("loraplex_queue_depth", "sequences waiting to join the batch", registry=r)
+        self.running = Gauge("loraplex_running_batch_size", "sequences in the running batch", registry=r)
+        self.resident_adapters = Gauge("loraplex_resident_adapters", "adapters in model memory", registry=r)
+        self.adapter_loads = Gauge("loraplex_adapter_loads", "adapter loads since start", registry=r)
+        self.adapter_evictions = Gauge(
+            "loraplex_adapter_evictions", "adapter evictions since start", registry=r
+        )
+        self.adapter_load_seconds = Gauge(
+            "loraplex_adapter_last_load_seconds", "duration of the last adapter load", registry=r
+        )
+        self.rag_search_seconds = Histogram(
+            "loraplex_rag_search_seconds", "RAG retrieval latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+    def bind(self, state) -> None:
+        """Gauges read live from the engine and registry at scrape time."""
+        self.queue_depth.set_function(lambda: state.engine.health().waiting)
+        self.running.set_function(lambda: state.engine.health().running)
+        self.resident_adapters.set_function(lambda: len(state.registry.resident()))
+        self.adapter_loads.set_function(lambda: state.registry.stats.loads)
+        self.adapter_evictions.set_function(lambda: state.registry.stats.evictions)
+        self.adapter_load_seconds.set_function(lambda: state.registry.stats.last_load_seconds)
