@@ -122,6 +122,9 @@ def serve(argv: list[str]) -> int:
         app = create_app(settings, on_fatal=on_fatal)
     except ValueError as e:  # e.g. an invalid keys file
         raise SystemExit(f"loraplex serve: {e}") from None
+    # uvicorn re-raises a captured SIGTERM after its graceful shutdown, with the handler that was in
+    # place before it started; a no-op handler there makes a drained SIGTERM exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
         app,
         host=settings.host,

@@ -47,15 +47,10 @@ def e2e_adapter_sources(default_model_dir, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, e2e_adapter_sources):
-    data_dir = tmp_path_factory.mktemp("e2e-data")
-    store = data_dir / "adapters"
-    store.mkdir()
-    for name, src in e2e_adapter_sources.items():
-        shutil.copytree(src, store / name)
+def start_server(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """Starts `loraplex serve` on a free port and waits (polling /ready) until it serves."""
     port = _free_port()
-    log = open(data_dir / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    log = open(data_dir / "server.log", "w")  # noqa: SIM115 - the child process writes it until it exits
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -89,10 +84,20 @@ def server(tmp_path_factory, e2e_adapter_sources):
     else:
         proc.kill()
         raise RuntimeError("server not ready in time:\n" + (data_dir / "server.log").read_text()[-3000:])
-    yield {"url": base_url, "store": store, "log": data_dir / "server.log"}
+    return proc, base_url
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, e2e_adapter_sources):
+    data_dir = tmp_path_factory.mktemp("e2e-data")
+    store = data_dir / "adapters"
+    store.mkdir()
+    for name, src in e2e_adapter_sources.items():
+        shutil.copytree(src, store / name)
+    proc, base_url = start_server(data_dir, "--max-loaded-adapters", "4")
+    yield {"url": base_url, "store": store, "log": data_dir / "server.log", "proc": proc}
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()

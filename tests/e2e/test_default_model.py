@@ -80,3 +80,21 @@ def test_adapter_copied_at_runtime_and_corrupt_adapter_refused_while_serving(
         assert info.value.body["code"] == "adapter_invalid"
         assert all(isinstance(f.result(), str) for f in good)
     assert "Paris" in ask(client)
+
+
+def test_closing_a_stream_frees_its_batch_slot(server):
+    import time
+
+    import httpx
+
+    body = {"messages": QUESTION, "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.Client(base_url=server["url"], timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            for line in response.iter_lines():
+                if '"content"' in line and '"content": ""' not in line:
+                    break
+            assert http.get("/ready").json()["running"] == 1
+        deadline = time.monotonic() + 1.0
+        while http.get("/ready").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert http.get("/ready").json()["running"] == 0
