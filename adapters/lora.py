@@ -177,3 +177,39 @@ def load_lora_weights(
     if problems:
         raise AdapterInvalid(name, problems)
     return LoRAWeights(name=name, modules=modules, config=config)
+
+
+def save_lora_weights(weights: LoRAWeights, folder: Path, base_model: str | None = None) -> None:
+    """Writes an adapter in PEFT's format (config + safetensors), loadable by PEFT and by the server.
+
+    Each module's scaling is folded into its B so that the saved config can say ``lora_alpha = r``
+    (scaling 1) per module through ``rank_pattern``/``alpha_pattern``, whatever the modules' ranks.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    for module, lora in weights.modules.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = lora.lora_A.float().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = (
+            lora.lora_B.float() * lora.scaling
+        ).contiguous()
+        rank_pattern[re.escape(module)] = lora.rank
+    rank = weights.rank
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": weights.target_modules,
+        "rank_pattern": {k: v for k, v in rank_pattern.items() if v != rank},
+        "alpha_pattern": {k: v for k, v in rank_pattern.items() if v != rank},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "base_model_name_or_path": base_model,
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(folder / WEIGHTS_FILE))

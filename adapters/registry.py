@@ -44,6 +44,7 @@ class ResidentAdapter:
     pins: int = 0
     origin: str = "store"  # "store" or "merge"
     spec: dict | None = None  # the merge spec of a computed merge
+    parts: tuple[str, ...] = ()  # the adapters a merge was computed from
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -104,10 +105,25 @@ class AdapterRegistry:
         return self._ensure(name, pin=False, loader=lambda: self._read_from_store(name))
 
     def acquire_computed(
-        self, name: str, compute: Callable[[], LoRAWeights], spec: dict | None = None
+        self,
+        name: str,
+        compute: Callable[[], LoRAWeights],
+        spec: dict | None = None,
+        parts: tuple[str, ...] = (),
     ) -> int:
-        """Like :meth:`acquire` for an adapter computed in memory (a merge), computed at most once."""
-        return self._ensure(name, pin=True, loader=compute, origin="merge", spec=spec).slot
+        """Like :meth:`acquire` for an adapter computed in memory (a merge), computed at most once.
+
+        While it is computed only its own name is locked: requests on other adapters carry on.
+        """
+        return self._ensure(name, pin=True, loader=compute, origin="merge", spec=spec, parts=parts).slot
+
+    def read_weights(self, name: str) -> LoRAWeights:
+        """An adapter's weights, from its resident copy or (validated) from the store, without loading it."""
+        with self.lock:
+            resident = self._resident.get(name)
+            if resident is not None and resident.origin == "store":
+                return resident.weights
+        return self._read_from_store(name)
 
     def release(self, name: str) -> None:
         with self.lock:
@@ -127,12 +143,13 @@ class AdapterRegistry:
             return True
 
     def forget(self, name: str) -> None:
-        """Drops a resident copy whose files changed on disk (upload or delete); waits for no one."""
+        """Drops a resident copy whose files changed on disk (upload or delete), and merges made from it."""
         with self._name_lock(name), self.lock:
-            resident = self._resident.get(name)
-            if resident is not None:
-                if resident.pins:
-                    raise AdapterInUse(name, resident.pins)
+            stale = [r for r in self._resident.values() if r.name == name or name in r.parts]
+            busy = [r for r in stale if r.pins]
+            if busy:
+                raise AdapterInUse(busy[0].name, busy[0].pins)
+            for resident in stale:
                 self._drop(resident)
 
     # ----------------------------------------------------------------- internals
@@ -147,6 +164,7 @@ class AdapterRegistry:
         loader: Callable[[], LoRAWeights],
         origin: str = "store",
         spec: dict | None = None,
+        parts: tuple[str, ...] = (),
     ) -> ResidentAdapter:
         with self._name_lock(name):
             with self.lock:

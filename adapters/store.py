@@ -27,6 +27,7 @@ ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "training_card.json"
+MERGED_PREFIX = "merge-"  # cached per-request merges live under this prefix, never in the store
 
 
 def check_adapter_name(name: str) -> str:
@@ -151,6 +152,9 @@ class AdapterStore:
 
     def commit_staged(self, staged: Path, name: str, overwrite: bool = False) -> Path:
         """Renames a fully written staging folder into place as adapter ``name``."""
+        if name.startswith(MERGED_PREFIX):
+            shutil.rmtree(staged, ignore_errors=True)
+            raise AdapterNameInvalid(name, f"names starting with '{MERGED_PREFIX}' are reserved for merges")
         target = self.path_for(name)
         if target.exists():
             if not overwrite:

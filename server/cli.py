@@ -24,7 +24,6 @@ _DELEGATED = {
     "train": ("training.cli", "main"),
     "eval": ("training.eval_cli", "main"),
     "rag": ("rag.cli", "main"),
-    "export": ("adapters.export_cli", "main"),
 }
 
 
@@ -137,9 +136,49 @@ def serve(argv: list[str]) -> int:
     return 1 if fatal.is_set() else 0
 
 
+def export(argv: list[str]) -> int:
+    """``loraplex export``: fold a stored adapter into the base and write a standalone HF model."""
+    import torch
+
+    from adapters.base_model import resolve_base_model
+    from adapters.export import export_merged_model
+    from adapters.store import AdapterStore
+
+    parser = argparse.ArgumentParser(
+        prog="loraplex export",
+        description="Fold adapter NAME into the base model's weights and write a standalone HF model "
+        "(loadable by transformers.AutoModelForCausalLM.from_pretrained(DIR)). Base model, quantization "
+        "and adapter store come from the same settings as `loraplex serve` (flags below or LORAPLEX_*).",
+    )
+    parser.add_argument("--adapter", required=True, help="adapter name in the store")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    for name in ("base_model", "quantization", "data_dir", "adapter_dir", "cache_dir"):
+        parser.add_argument(
+            _flag(name), dest=name, default=None, help=Settings.model_fields[name].description
+        )
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**given)
+    logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
+    folder = AdapterStore(settings.adapter_dir).require(args.adapter)
+    report = export_merged_model(
+        resolve_base_model(settings.base_model, settings.cache_dir),
+        folder,
+        args.out,
+        dtype=getattr(torch, args.dtype),
+        quantization=settings.quantization,
+        adapter_name=args.adapter,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(report.to_dict(), indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["serve", *_DELEGATED]
+    commands = ["serve", "export", *_DELEGATED]
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: loraplex {" + ",".join(commands) + "} ...\n")
         print("  serve   start the server (loraplex serve --help)")
@@ -151,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return serve(rest)
+    if command == "export":
+        return export(rest)
     if command in _DELEGATED:
         module_name, func = _DELEGATED[command]
         module = importlib.import_module(module_name)

@@ -6,7 +6,8 @@ import uuid
 from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterNotFound
-from adapters.store import check_adapter_name
+from adapters.merging import MergeSpec, merged_name
+from adapters.store import MERGED_PREFIX, check_adapter_name
 from server.api.auth import Principal
 from server.api.deps import ServingState
 from server.api.errors import APIError
@@ -19,17 +20,36 @@ class PreparedRequest:
     """A validated request: its id, adapter, and one GenerationRequest per choice (``n``)."""
 
     request_id: str
-    adapter: str | None
+    adapter: str | None  # the resident name: a stored adapter or merge-<hash>
     model_name: str
     generations: list[GenerationRequest]  # prompt p, choice i at index p * n + i
     n: int = 1
+    merge: AdapterChoice | None = None  # set when the adapter is a per-request merge
 
 
-def resolve_adapter(state: ServingState, body: SamplingFields, principal: Principal) -> str | None:
-    """Which adapter a request names: the ``adapter`` field, or ``model`` set to an adapter's name.
+@dataclass
+class AdapterChoice:
+    """The adapter a request runs on: a stored adapter, a (cached) merge, or None for the base."""
+
+    name: str | None
+    spec: MergeSpec | None = None
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.spec.parts) if self.spec else ()
+
+
+def resolve_adapter(state: ServingState, body: SamplingFields, principal: Principal) -> AdapterChoice:
+    """Which adapter a request names: the ``adapter`` field (a name or a merge spec), LoRAX's
+    ``merged_adapters``, or ``model`` set to an adapter's name.
 
     A name outside the caller's allow-list gets the same 404 as a missing one (no existence oracle).
     """
+    spec = _merge_spec(state, body)
+    if spec is not None:
+        for i, (name, _) in enumerate(spec.parts):
+            _check_visible(state, name, principal, f"adapter.merge[{i}].name")
+        return AdapterChoice(merged_name(spec), spec)
     model, adapter = body.model, body.adapter
     base_id = state.model_id
     if adapter is not None:
@@ -44,7 +64,29 @@ def resolve_adapter(state: ServingState, body: SamplingFields, principal: Princi
     elif model and model != base_id:
         name, param = model, "model"
     else:
-        return None
+        return AdapterChoice(None)
+    cached_merge = state.registry.get(name) if name.startswith(MERGED_PREFIX) else None
+    if cached_merge is not None and cached_merge.origin == "merge":
+        for part in cached_merge.parts:
+            _check_visible(state, part, principal, param)
+        return AdapterChoice(name, MergeSpec.from_request(cached_merge.spec))
+    _check_visible(state, name, principal, param)
+    return AdapterChoice(name)
+
+
+def _merge_spec(state: ServingState, body: SamplingFields) -> MergeSpec | None:
+    max_parts = state.settings.max_merge_parts
+    if body.merged_adapters is not None:
+        if body.adapter is not None:
+            message = "send either 'adapter' or 'merged_adapters', not both"
+            raise APIError(400, message, param="merged_adapters")
+        return MergeSpec.from_lorax(body.merged_adapters, max_parts=max_parts)
+    if isinstance(body.adapter, dict):
+        return MergeSpec.from_request(body.adapter, max_parts=max_parts)
+    return None
+
+
+def _check_visible(state: ServingState, name: str, principal: Principal, param: str) -> None:
     try:
         check_adapter_name(name)
     except ValueError:
@@ -54,7 +96,6 @@ def resolve_adapter(state: ServingState, body: SamplingFields, principal: Princi
         raise _not_found(name, param)
     if not state.store.exists(name) and not state.registry.is_loaded(name):
         raise _not_found(name, param)
-    return name
 
 
 def _not_found(name: str, param: str) -> AdapterNotFound:
@@ -119,7 +160,8 @@ def prepare(
             )
         if len(ids) + params.max_tokens > state.context_length:
             raise ContextLengthExceeded(len(ids), params.max_tokens, state.context_length)
-    adapter = resolve_adapter(state, body, principal)
+    selected = resolve_adapter(state, body, principal)
+    adapter = selected.name
     request_id = uuid.uuid4().hex[:24]
     generations = []
     for p, ids in enumerate(prompts):
@@ -127,7 +169,8 @@ def prepare(
             choice = p * body.n + i
             seeded = params if params.seed is None else _with_seed(params, params.seed + choice)
             generations.append(GenerationRequest(f"{request_id}-{choice}", list(ids), seeded, adapter))
-    return PreparedRequest(request_id, adapter, adapter or state.model_id, generations, body.n)
+    merge = selected if selected.spec is not None else None
+    return PreparedRequest(request_id, adapter, adapter or state.model_id, generations, body.n, merge)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

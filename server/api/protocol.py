@@ -61,7 +61,14 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    adapter: str | None = Field(None, description="LoRA adapter to use (null = the base model)")
+    adapter: str | dict[str, Any] | None = Field(
+        None,
+        description="LoRA adapter name (null = the base model), or a merge spec "
+        '{"merge": [{"name", "weight"}...], "method", "density", "majority_sign_method"}',
+    )
+    merged_adapters: dict[str, Any] | None = Field(
+        None, description="LoRAX's merge form: {ids, weights, merge_strategy, density, majority_sign_method}"
+    )
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
@@ -133,6 +140,19 @@ class CompletionRequest(SamplingFields):
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         return self
+
+
+class SaveMergeRequest(BaseModel):
+    """``POST /v1/adapters/{name}/save``: persist a merge spec as a named adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge: list[dict[str, Any]] | None = None
+    method: str | None = None
+    density: float | None = None
+    majority_sign_method: str | None = None
+    merged_adapters: dict[str, Any] | None = None
+    overwrite: bool = False
 
 
 class LoadLoraAdapterRequest(BaseModel):

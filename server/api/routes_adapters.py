@@ -10,12 +10,13 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters.errors import AdapterNotFound
-from adapters.lora import load_lora_weights
+from adapters.lora import load_lora_weights, save_lora_weights
+from adapters.merging import MergeSpec, merge_lora
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE, check_adapter_name
 from server.api.auth import Admin, Caller
 from server.api.deps import ServingState, State
 from server.api.errors import APIError
-from server.api.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from server.api.protocol import LoadLoraAdapterRequest, SaveMergeRequest, UnloadLoraAdapterRequest
 
 router = APIRouter(tags=["adapters"])
 
@@ -149,6 +150,41 @@ async def delete_adapter(name: str, state: State, _: Admin) -> dict:
     await run_in_threadpool(state.registry.forget, name)
     await run_in_threadpool(state.store.delete, name)
     return {"name": name, "deleted": True}
+
+
+@router.post("/v1/adapters/{name}/save", status_code=201)
+async def save_merge(name: str, body: SaveMergeRequest, state: State, caller: Admin) -> dict:
+    """Persists a merge spec as a normal named adapter in the store."""
+    check_adapter_name(name)
+    max_parts = state.settings.max_merge_parts
+    if body.merged_adapters is not None:
+        spec = MergeSpec.from_lorax(body.merged_adapters, max_parts=max_parts)
+    else:
+        fields = body.model_dump(exclude={"overwrite", "merged_adapters"}, exclude_none=True)
+        spec = MergeSpec.from_request(fields, max_parts=max_parts)
+    for i, (part, _) in enumerate(spec.parts):
+        if not state.store.exists(part):
+            err = AdapterNotFound(part)
+            err.param = f"merge[{i}].name"
+            raise err
+    await run_in_threadpool(_save_merge, state, name, spec, body.overwrite)
+    return {**describe(state, name), "spec": spec.to_dict()}
+
+
+def _save_merge(state: ServingState, name: str, spec: MergeSpec, overwrite: bool) -> None:
+    registry = state.registry
+    parts = [registry.read_weights(part) for part, _ in spec.parts]
+    merged = merge_lora(spec, parts, name, max_rank=registry.max_rank)
+    staged = state.store.staging_dir(name)
+    try:
+        save_lora_weights(merged, staged, base_model=state.model_id)
+        load_lora_weights(name, staged, registry.lora.linear_shapes, registry.max_rank)  # reloads as saved
+        if overwrite:
+            registry.forget(name)
+        state.store.commit_staged(staged, name, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------- vLLM compatibility

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
+from adapters.lora import LoRAWeights
+from adapters.merging import merge_lora
 from server.api.auth import Principal
 from server.api.convert import PreparedRequest
 from server.api.deps import ServingState
@@ -51,12 +53,26 @@ async def pin_adapter(state: ServingState, prepared: PreparedRequest) -> None:
     pinned = 0
     try:
         for gen in prepared.generations:
-            gen.adapter_slot = await run_in_threadpool(state.registry.acquire, prepared.adapter)
+            gen.adapter_slot = await run_in_threadpool(_acquire, state, prepared)
             pinned += 1
     except BaseException:
         for _ in range(pinned):
             state.registry.release(prepared.adapter)
         raise
+
+
+def _acquire(state: ServingState, prepared: PreparedRequest) -> int:
+    """Pins the request's adapter; a merge is computed once per canonical spec, off the engine thread."""
+    registry, choice = state.registry, prepared.merge
+    if choice is None:
+        return registry.acquire(prepared.adapter)
+
+    def compute() -> LoRAWeights:
+        parts = [registry.read_weights(name) for name, _ in choice.spec.parts]
+        return merge_lora(choice.spec, parts, prepared.adapter, max_rank=registry.max_rank)
+
+    spec = choice.spec.to_dict()
+    return registry.acquire_computed(prepared.adapter, compute, spec=spec, parts=choice.parts)
 
 
 async def generate(
