@@ -14,7 +14,8 @@ from adapters.base_model import load_base_model, resolve_base_model
 from adapters.batched_lora import BatchedLoRAModel
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
-from server.api import routes_adapters, routes_health, routes_openai
+from rag.collections import CollectionManager
+from server.api import routes_adapters, routes_health, routes_openai, routes_rag
 from server.api.auth import Caller, KeyRing
 from server.api.deps import ServingState
 from server.api.errors import install_error_handlers
@@ -43,7 +44,12 @@ def build_state(settings: Settings) -> ServingState:
         EngineConfig(settings.max_batch_size, settings.max_prefills_per_step, context_length),
         eos_ids_for(base.tokenizer, base.model),
     )
-    return ServingState(settings, base, store, registry, engine, context_length)
+    rag = CollectionManager(
+        settings.data_dir / "rag",
+        default_embedding_model=settings.embedding_model,
+        max_upload_bytes=settings.rag_max_upload_bytes,
+    )
+    return ServingState(settings, base, store, registry, engine, context_length, rag=rag)
 
 
 def create_app(settings: Settings, on_fatal=None) -> FastAPI:
@@ -63,12 +69,14 @@ def create_app(settings: Settings, on_fatal=None) -> FastAPI:
         state.metrics.bind(state)
         state.engine.start()
         app.state.serving = state
+        app.state.rag = state.rag
         logger.info("serving %s with adapters from %s", state.model_id, settings.adapter_dir)
         try:
             yield
         finally:
             state.engine.stop()
-            logger.info("engine stopped")
+            state.rag.close()  # flushes the collections' indexes
+            logger.info("engine stopped, RAG collections closed")
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.keyring = keyring
@@ -83,6 +91,7 @@ def create_app(settings: Settings, on_fatal=None) -> FastAPI:
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_adapters.router)
+    app.include_router(routes_rag.router)
 
     @app.get("/metrics", tags=["health"])
     def metrics(request: Request, _: Caller) -> Response:

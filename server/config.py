@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     max_n: int = Field(8, ge=1, le=128, description="largest n (choices per request)")
     max_merge_parts: int = Field(8, ge=1, le=64, description="most adapters in one per-request merge")
+    embedding_model: str | None = Field(
+        None, description="sentence-transformers directory for RAG (default: the packaged all-MiniLM-L6-v2)"
+    )
+    rag_max_upload_bytes: int = Field(20 << 20, ge=1024, description="largest RAG document or file")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_json: bool = Field(False, description="log one JSON object per line (with request ids)")
     api_keys_file: Path | None = Field(None, description="YAML/JSON keys file; every route then needs a key")

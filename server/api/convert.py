@@ -124,10 +124,14 @@ def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int |
     )
 
 
-def chat_prompt_ids(state: ServingState, body: ChatCompletionRequest) -> list[int]:
-    """Renders the messages with the tokenizer's chat template, exactly as training does."""
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """The request's messages as plain dicts (text parts joined; ``developer`` is a system turn)."""
+    return [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
+
+
+def render_chat(state: ServingState, messages: list[dict]) -> list[int]:
+    """Renders messages with the tokenizer's chat template, exactly as training does, and tokenizes."""
     tokenizer = state.base.tokenizer
-    messages = [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's input

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.api.rag_protocol import RagOptions
+
 MAX_STOP_SEQUENCES = 4
 
 
@@ -116,6 +118,7 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    rag: RagOptions | None = Field(None, description="retrieve passages from a RAG collection first")
 
 
 class CompletionRequest(SamplingFields):

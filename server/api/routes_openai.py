@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from rag.prompt import build_rag_messages, last_user_text
 from server.api import convert
 from server.api.auth import Caller, Principal
 from server.api.deps import ServingState, State
-from server.api.errors import error_response
+from server.api.errors import APIError, error_response
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.routes_rag import check_visible
 from server.api.streams import admit, finish_admission, generate, pin_adapter
 from server.engine.types import GenerationOutput
 
@@ -53,10 +56,42 @@ def list_models(state: State, caller: Caller) -> dict:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State, caller: Caller):
-    prompt_ids = convert.chat_prompt_ids(state, body)
+    messages = convert.chat_messages(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
+    sources = None
+    if body.rag is not None:
+        messages, sources = await _retrieve_into(state, body, messages, max_tokens, caller)
+    prompt_ids = convert.render_chat(state, messages)
     prepared = convert.prepare(state, body, [prompt_ids], max_tokens, caller)
-    return await _respond(state, prepared, body, request, caller, chat=True)
+    extra = {"sources": sources} if sources is not None else {}
+    return await _respond(state, prepared, body, request, caller, chat=True, extra=extra)
+
+
+async def _retrieve_into(
+    state: ServingState, body: ChatCompletionRequest, messages: list[dict], max_tokens: int | None, caller
+) -> tuple[list[dict], list[dict]]:
+    """Retrieves with the last user message and puts the numbered passages into the prompt.
+
+    The passages get what the context window leaves after the prompt and ``max_tokens``; the
+    lowest-ranked are dropped first. Returns the new messages and the ``sources`` actually used.
+    """
+    options = body.rag
+    check_visible(caller, options.collection)
+    query = last_user_text(messages)
+    if not query:
+        raise APIError(400, "retrieval needs a user message to search with", param="messages")
+    started = time.perf_counter()
+    passages = await run_in_threadpool(
+        state.rag.retrieve, options.collection, query, options.top_k, options.mode, options.filter
+    )
+    state.metrics.rag_search_seconds.observe(time.perf_counter() - started)
+    tokenizer = state.base.tokenizer
+    prompt_tokens = len(convert.render_chat(state, messages))
+    budget = state.context_length - prompt_tokens - (max_tokens or state.settings.default_max_tokens)
+    with_passages, used = build_rag_messages(
+        messages, passages, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), budget
+    )
+    return with_passages, [p.to_source(n) for n, p in enumerate(used, start=1)]
 
 
 @router.post("/v1/completions")
@@ -73,6 +108,7 @@ async def _respond(
     request: Request,
     caller: Principal,
     chat: bool,
+    extra: dict | None = None,
 ):
     request.state.adapter = prepared.adapter
     admit(state, prepared, caller)
@@ -83,7 +119,7 @@ async def _respond(
         raise
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream_events(state, prepared, chat, include_usage)
+        events = _stream_events(state, prepared, chat, include_usage, extra or {})
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
@@ -99,7 +135,7 @@ async def _respond(
     failed = next((c.error for c in choices if c.error is not None), None)
     if failed is not None:
         return error_response(failed)
-    return JSONResponse(_final_body(prepared, choices, chat))
+    return JSONResponse({**_final_body(prepared, choices, chat), **(extra or {})})
 
 
 def _accumulate(choice: Choice, output: GenerationOutput) -> None:
@@ -164,7 +200,7 @@ def _sse(payload: dict | str) -> str:
 
 
 async def _stream_events(
-    state: ServingState, prepared: convert.PreparedRequest, chat: bool, include_usage: bool
+    state: ServingState, prepared: convert.PreparedRequest, chat: bool, include_usage: bool, extra: dict
 ) -> AsyncIterator[str]:
     created = int(time.time())
     obj, prefix = ("chat.completion.chunk", "chatcmpl-") if chat else ("text_completion", "cmpl-")
@@ -209,6 +245,9 @@ async def _stream_events(
         return
     finally:
         await stream.aclose()
-    if include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(choices, prepared)})
+    if include_usage or extra:  # the final chunk carries usage and, with RAG, the sources
+        final = {**base, "choices": [], **extra}
+        if include_usage:
+            final["usage"] = _usage(choices, prepared)
+        yield _sse(final)
     yield _sse("[DONE]")

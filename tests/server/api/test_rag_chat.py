@@ -1,0 +1,69 @@
+"""Retrieval-augmented chat: passages go into the prompt and come back as `sources` (real embedder)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from tests.server.conftest import tiny_settings
+
+DOCS = [
+    {"id": "leave", "text": "Employees get 25 days of paid leave per year at Acme.", "source": "handbook.md"},
+    {"id": "lunch", "text": "The canteen serves lunch from noon until two o'clock.", "source": "canteen.md"},
+    {"id": "bikes", "text": "Bicycles must be parked in the courtyard racks.", "source": "campus.md"},
+]
+QUESTION = {"role": "user", "content": "How many days of paid leave do employees get?"}
+
+
+@pytest.fixture
+def rag_client(tiny_base_dir, adapter_store_dir, tmp_path):
+    settings = tiny_settings(tiny_base_dir, adapter_store_dir, tmp_path, max_model_len=512)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        _ingest(client)
+        yield client
+
+
+def _ingest(client) -> None:
+    assert client.post("/v1/rag/collections", json={"name": "handbook"}).status_code == 200
+    ingest = client.post("/v1/rag/collections/handbook/documents", json={"documents": DOCS})
+    assert ingest.status_code == 200, ingest.text
+
+
+def test_rag_chat_returns_sources_and_puts_passages_in_the_prompt(rag_client):
+    plain = rag_client.post("/v1/chat/completions", json={"messages": [QUESTION], "max_tokens": 4}).json()
+    body = {"messages": [QUESTION], "max_tokens": 4, "rag": {"collection": "handbook", "top_k": 2}}
+    response = rag_client.post("/v1/chat/completions", json={**body, "adapter": "attn-r4"})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    sources = result["sources"]
+    assert [s["index"] for s in sources] == [1, 2]
+    assert sources[0]["document_id"] == "leave" and "25 days" in sources[0]["text"]
+    # the passages (tokenized byte by byte by the tiny tokenizer) are in the prompt
+    added = result["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
+    assert added >= sum(len(s["text"]) for s in sources)
+
+
+def test_rag_sources_arrive_in_the_final_stream_chunk(rag_client):
+    body = {
+        "messages": [QUESTION],
+        "max_tokens": 4,
+        "stream": True,
+        "rag": {"collection": "handbook", "top_k": 1},
+    }
+    lines = [
+        line[6:]
+        for line in rag_client.post("/v1/chat/completions", json=body).text.splitlines()
+        if line.startswith("data: ")
+    ]
+    assert lines[-1] == "[DONE]"
+    final = json.loads(lines[-2])
+    assert final["choices"] == [] and final["sources"][0]["document_id"] == "leave"
+
+
+def test_rag_unknown_collection_is_404(rag_client):
+    body = {"messages": [QUESTION], "rag": {"collection": "nope"}}
+    response = rag_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "collection_not_found"
