@@ -32,5 +32,12 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Serving benchmarks against the baselines (results/bench: JSONL, Markdown table, PNG plots).
+bench: install
+	$(PY) -m benchmarks.run_bench --out results/bench
+
+bench-quick: install
+	$(PY) -m benchmarks.run_bench --quick --out results/bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

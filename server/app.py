@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 def build_state(settings: Settings) -> ServingState:
     """Loads the base model and wires adapters, registry and engine (the engine is not started)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     model_dir = resolve_base_model(settings.base_model, settings.cache_dir)
     base = load_base_model(model_dir, settings.quantization, settings.device)
     compute_dtype = next(p for p in base.model.parameters() if p.is_floating_point()).dtype

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     )
     quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="bitsandbytes quantization")
     device: str | None = Field(None, description="torch device (default: cuda when available, else cpu)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: torch's choice, one per core)"
+    )
     data_dir: Path = Field(Path("data"), description="data directory (adapters, RAG collections)")
     adapter_dir: Path | None = Field(None, description="adapter store (default: DATA_DIR/adapters)")
     cache_dir: Path = Field(

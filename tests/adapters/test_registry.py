@@ -48,20 +48,32 @@ def test_unknown_adapter(registry):
         reg.acquire("missing")
 
 
-def test_batched_rows_match_peft_per_adapter(registry, tiny_base_dir, tiny_adapter_sources):
-    """One forward over rows using [base, attn-r4, all-r8] equals PEFT run for each adapter alone."""
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param([None, "attn-r4", "all-r8"], id="gather"),  # 2 adapters in 3 rows
+        pytest.param(["attn-r4", None, "attn-r4", "all-r8", None, None, "all-r8", None], id="segments"),
+        pytest.param(["all-r8", "all-r8"], id="single-adapter"),
+    ],
+)
+def test_batched_rows_match_peft_per_adapter(registry, tiny_base_dir, tiny_adapter_sources, layout):
+    """One forward over rows with mixed adapters equals PEFT run for each adapter alone, in both the
+    gather and the segment mode of the batched LoRA layer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     reg, base = registry
-    slots = [0, reg.acquire("attn-r4"), reg.acquire("all-r8")]
-    input_ids = torch.randint(3, 200, (3, 7))
+    slots = [reg.acquire(name) if name else 0 for name in layout]
+    input_ids = torch.randint(3, 200, (len(layout), 7))
     with torch.no_grad(), reg.lora.rows(slots):
-        batched = base.model(input_ids=input_ids).logits  # (3, 7, V)
-    for row, name in enumerate([None, "attn-r4", "all-r8"]):
+        batched = base.model(input_ids=input_ids).logits  # (B, 7, V)
+    references = {}
+    for name in set(layout):
         reference = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
-        if name:
-            reference = PeftModel.from_pretrained(reference, tiny_adapter_sources[name])
+        references[name] = (
+            PeftModel.from_pretrained(reference, tiny_adapter_sources[name]) if name else reference
+        )
+    for row, name in enumerate(layout):
         with torch.no_grad():
-            expected = reference(input_ids=input_ids[row : row + 1]).logits[0]
+            expected = references[name](input_ids=input_ids[row : row + 1]).logits[0]
         torch.testing.assert_close(batched[row], expected, rtol=1e-4, atol=1e-4)
