@@ -12,6 +12,7 @@ from server.api.auth import Principal
 from server.api.deps import ServingState
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.api.request_context import request_id_var
 from server.engine.types import ContextLengthExceeded, GenerationRequest, SamplingParams
 
 
@@ -166,7 +167,9 @@ def prepare(
             raise ContextLengthExceeded(len(ids), params.max_tokens, state.context_length)
     selected = resolve_adapter(state, body, principal)
     adapter = selected.name
-    request_id = uuid.uuid4().hex[:24]
+    # The HTTP request id leads the engine's ids, so engine log lines can be traced to the request.
+    http_id = request_id_var.get()
+    request_id = f"{http_id}.{uuid.uuid4().hex[:8]}" if http_id != "-" else uuid.uuid4().hex[:24]
     generations = []
     for p, ids in enumerate(prompts):
         for i in range(body.n):
