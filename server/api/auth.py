@@ -9,6 +9,7 @@ The keys file (YAML, or the same structure as JSON)::
         role: user
         adapters: ["alice-*", "shared-*"]     # glob patterns; absent = no adapters
         collections: ["alice-*"]              # likewise for RAG collections
+        write_collections: ["alice-notes"]    # may also ingest into / delete documents of these
         requests_per_minute: 120
         tokens_per_minute: 50000
 
@@ -45,6 +46,7 @@ class Principal:
     role: Literal["admin", "user"]
     adapters: tuple[str, ...] = ()
     collections: tuple[str, ...] = ()
+    write_collections: tuple[str, ...] = ()
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
 
@@ -57,6 +59,13 @@ class Principal:
 
     def may_use_collection(self, name: str) -> bool:
         return self.is_admin or any(fnmatch.fnmatchcase(name, p) for p in self.collections)
+
+    def may_write_collection(self, name: str) -> bool:
+        """Ingest into and delete documents of ``name`` (collection create/delete stay admin-only)."""
+        return self.is_admin or (
+            self.may_use_collection(name)
+            and any(fnmatch.fnmatchcase(name, p) for p in self.write_collections)
+        )
 
 
 ANONYMOUS_ADMIN = Principal(name="anonymous", role="admin")
@@ -108,7 +117,7 @@ def _parse_key(i: int, item: object, seen: set[str]) -> tuple[bytes, Principal]:
     if role not in ("admin", "user"):
         raise KeysFileInvalid(f"{where}.role must be 'admin' or 'user'")
     lists = {}
-    for field in ("adapters", "collections"):
+    for field in ("adapters", "collections", "write_collections"):
         value = item.get(field, [])
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
             raise KeysFileInvalid(f"{where}.{field} must be a list of glob patterns")

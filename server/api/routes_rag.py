@@ -19,6 +19,7 @@ from rag.collections import CollectionManager
 from rag.errors import CollectionNotFound, DocumentTooLarge
 from rag.extract import UploadedFile
 from server.api.auth import Admin, Caller, Principal
+from server.api.errors import APIError
 from server.api.rag_protocol import (
     CollectionDeleted,
     CollectionList,
@@ -67,6 +68,13 @@ def check_visible(caller: Principal, name: str) -> None:
         raise CollectionNotFound(name)
 
 
+def check_writable(caller: Principal, name: str) -> None:
+    """Document writes need an admin key or a user key granted write on the collection."""
+    check_visible(caller, name)
+    if not caller.may_write_collection(name):
+        raise APIError(403, "This key may read but not change this collection.", code="permission_denied")
+
+
 Manager = Annotated[CollectionManager, Depends(get_manager)]
 
 
@@ -106,7 +114,8 @@ async def delete_collection(name: str, manager: Manager, _: Admin) -> Collection
 
 
 @router.post("/collections/{name}/documents", response_model=IngestResponse, openapi_extra=_INGEST_BODY)
-async def add_documents(name: str, request: Request, manager: Manager, _: Admin) -> IngestResponse:
+async def add_documents(name: str, request: Request, manager: Manager, caller: Caller) -> IngestResponse:
+    check_writable(caller, name)
     """JSON (``{"documents": [{"text", "source"?, "id"?, "metadata"?}]}`` or one document's fields) or
     multipart (``files`` parts, optional ``metadata`` JSON part)."""
     manager.get(name)  # 404 before reading a large body
@@ -137,7 +146,8 @@ async def list_documents(
 
 
 @router.delete("/collections/{name}/documents/{document_id:path}", response_model=DocumentDeleted)
-async def delete_document(name: str, document_id: str, manager: Manager, _: Admin) -> DocumentDeleted:
+async def delete_document(name: str, document_id: str, manager: Manager, caller: Caller) -> DocumentDeleted:
+    check_writable(caller, name)
     await run_in_threadpool(manager.delete_document, name, document_id)
     return DocumentDeleted(id=document_id)
 

@@ -23,8 +23,15 @@ def secured(tiny_base_dir, adapter_store_dir, tmp_path, tiny_adapter_sources):
     keys = {
         "keys": [
             {"key": ADMIN, "role": "admin"},
-            {"key": ALICE, "role": "user", "adapters": ["alice-*"], "requests_per_minute": 5},
-            {"key": BOB, "role": "user", "adapters": ["bob-*"]},
+            {
+                "key": ALICE,
+                "role": "user",
+                "adapters": ["alice-*"],
+                "collections": ["alice-*"],
+                "write_collections": ["alice-notes"],
+                "requests_per_minute": 5,
+            },
+            {"key": BOB, "role": "user", "adapters": ["bob-*"], "collections": ["bob-*"]},
         ]
     }
     keys_file = tmp_path / "keys.yaml"
@@ -153,3 +160,34 @@ def test_metrics_exposes_the_serving_state(client):
     ):
         assert name in text
     assert 'route="/v1/chat/completions"' in text and 'adapter="attn-r4"' in text
+
+
+def test_collections_follow_the_allow_lists(secured):
+    for name in ("alice-notes", "alice-ro", "bob-docs"):
+        assert (
+            secured.post("/v1/rag/collections", json={"name": name}, headers=auth(ADMIN)).status_code == 200
+        )
+    assert (
+        secured.post("/v1/rag/collections", json={"name": "alice-new"}, headers=auth(ALICE)).status_code
+        == 403
+    )
+    doc = {"documents": [{"id": "d1", "text": "Alice keeps her notes here."}]}
+    ingest = "/v1/rag/collections/{}/documents"
+    assert secured.post(ingest.format("alice-notes"), json=doc, headers=auth(ALICE)).status_code == 200
+    assert secured.post(ingest.format("alice-ro"), json=doc, headers=auth(ALICE)).status_code == 403
+    hidden = secured.post(ingest.format("bob-docs"), json=doc, headers=auth(ALICE))
+    missing = secured.post(ingest.format("bob-nothing"), json=doc, headers=auth(ALICE))
+    assert hidden.status_code == missing.status_code == 404
+    search = {"query": "notes", "top_k": 2}
+    assert (
+        secured.post("/v1/rag/collections/bob-docs/search", json=search, headers=auth(ALICE)).status_code
+        == 404
+    )
+    assert (
+        secured.post("/v1/rag/collections/alice-notes/search", json=search, headers=auth(ALICE)).status_code
+        == 200
+    )
+    listed = {c["name"] for c in secured.get("/v1/rag/collections", headers=auth(ALICE)).json()["data"]}
+    assert listed == {"alice-notes", "alice-ro"}
+    rag_chat = {**CHAT, "rag": {"collection": "bob-docs"}}
+    assert secured.post("/v1/chat/completions", json=rag_chat, headers=auth(ALICE)).status_code == 404
