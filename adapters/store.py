@@ -156,6 +156,7 @@ class AdapterStore:
             shutil.rmtree(staged, ignore_errors=True)
             raise AdapterNameInvalid(name, f"names starting with '{MERGED_PREFIX}' are reserved for merges")
         target = self.path_for(name)
+        os.chmod(staged, 0o755)  # mkdtemp makes it 0700; a served adapter is readable like any folder
         if target.exists():
             if not overwrite:
                 shutil.rmtree(staged, ignore_errors=True)

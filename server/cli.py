@@ -22,7 +22,6 @@ from server.config import Settings
 # Subcommands implemented by other packages: name -> (module, function taking argv).
 _DELEGATED = {
     "train": ("training.cli", "main"),
-    "eval": ("training.eval_cli", "main"),
     "rag": ("rag.cli", "main"),
 }
 
@@ -176,9 +175,30 @@ def export(argv: list[str]) -> int:
     return 0
 
 
+def evaluate(argv: list[str]) -> int:
+    """``loraplex eval``: in-process through the serving engine, or against ``--server URL``."""
+    from training import eval_cli
+
+    ns = eval_cli.build_parser().parse_args(argv)
+    if ns.server:
+        return eval_cli.main(argv)
+    from server.offline import InProcessGenerator
+
+    given = {
+        "base_model": ns.base_model,
+        "quantization": ns.quantization,
+        "device": ns.device,
+        "adapter_dir": ns.adapter_dir,
+    }
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    with InProcessGenerator(settings) as generate:
+        return eval_cli.main(argv, generate=generate)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["serve", "export", *_DELEGATED]
+    commands = ["serve", "export", "eval", *_DELEGATED]
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: loraplex {" + ",".join(commands) + "} ...\n")
         print("  serve   start the server (loraplex serve --help)")
@@ -192,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(rest)
     if command == "export":
         return export(rest)
+    if command == "eval":
+        return evaluate(rest)
     if command in _DELEGATED:
         module_name, func = _DELEGATED[command]
         module = importlib.import_module(module_name)

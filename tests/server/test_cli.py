@@ -68,3 +68,34 @@ def test_export_writes_a_model_transformers_loads(tiny_base_dir, adapter_store_d
     ids = torch.tensor([[5, 9, 33, 70, 101]])
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_runs_in_process_through_the_serving_engine(tiny_base_dir, adapter_store_dir, tmp_path, capsys):
+    import json
+
+    data = tmp_path / "test.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(3)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "scores.json"
+    argv = [
+        "eval",
+        "--data",
+        str(data),
+        "--adapter",
+        "attn-r4",
+        "--base-model",
+        str(tiny_base_dir),
+        "--quantization",
+        "none",
+        "--adapter-dir",
+        str(adapter_store_dir),
+        "--max-tokens",
+        "4",
+        "--json-out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert out.exists() and "exact" in capsys.readouterr().out.lower()

@@ -1,0 +1,53 @@
+"""The serving engine used in-process, without HTTP (``loraplex eval`` generates through it)."""
+
+from __future__ import annotations
+
+import queue
+import uuid
+
+from server.app import build_state
+from server.config import Settings
+from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
+
+
+class InProcessGenerator:
+    """Greedy generation through the same engine, batching and adapters the server uses.
+
+    Usable as ``generate(batch_of_messages, adapter, max_tokens) -> replies``; a context manager that
+    starts the engine thread and stops it.
+    """
+
+    def __init__(self, settings: Settings):
+        self.state = build_state(settings)
+
+    def __enter__(self) -> InProcessGenerator:
+        self.state.engine.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.state.engine.stop()
+
+    def __call__(self, batch: list[list[dict]], adapter: str | None, max_tokens: int) -> list[str]:
+        tokenizer, registry, engine = self.state.base.tokenizer, self.state.registry, self.state.engine
+        outputs: queue.Queue[GenerationOutput] = queue.Queue()
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        ids = []
+        for messages in batch:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            request = GenerationRequest(
+                uuid.uuid4().hex, tokenizer(text, add_special_tokens=False)["input_ids"], params, adapter
+            )
+            if adapter:
+                request.adapter_slot = registry.acquire(adapter)  # released by the engine when done
+            engine.submit(request, outputs.put)
+            ids.append(request.request_id)
+        texts = dict.fromkeys(ids, "")
+        pending = set(ids)
+        while pending:
+            output = outputs.get(timeout=600)
+            texts[output.request_id] += output.text_delta
+            if output.finished:
+                if output.error is not None:
+                    raise output.error
+                pending.discard(output.request_id)
+        return [texts[i] for i in ids]
