@@ -21,6 +21,7 @@ from training.evaluate import (
     GenerateFn,
     HTTPGenerator,
     PeftGreedyGenerator,
+    ServerError,
     compare,
     examples_from,
     format_report,
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None, generate: GenerateFn | None = None) -> i
         comparison = compare(
             examples, generate, ns.adapter, ns.max_tokens, ns.batch_size, include_base=not ns.no_base
         )
-    except (DatasetError, AdapterNotFound, BaseModelError) as e:
+    except (DatasetError, AdapterNotFound, BaseModelError, ServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(comparison, samples=ns.samples))

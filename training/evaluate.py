@@ -24,6 +24,10 @@ GenerateFn = Callable[[list[list[dict]], "str | None", int], list[str]]
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 
 
+class ServerError(RuntimeError):
+    """The server refused a generation request (the message carries its error body)."""
+
+
 @dataclass(frozen=True)
 class EvalExample:
     prompt: list[dict]  # the conversation up to the reference reply
@@ -190,12 +194,13 @@ class HTTPGenerator:
             return list(pool.map(lambda messages: self._one(messages, adapter, max_tokens), conversations))
 
     def _one(self, messages: list[dict], adapter: str | None, max_tokens: int) -> str:
-        body: dict = {"model": "loraplex", "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+        # no "model": the server takes its base model by default and the adapter from "adapter"
+        body: dict = {"messages": messages, "temperature": 0, "max_tokens": max_tokens}
         if adapter is not None:
             body["adapter"] = adapter
         response = self.client.post("/v1/chat/completions", json=body)
         if response.status_code != 200:
-            raise RuntimeError(f"the server answered HTTP {response.status_code}: {response.text[:300]}")
+            raise ServerError(f"the server answered HTTP {response.status_code}: {response.text[:300]}")
         return response.json()["choices"][0]["message"]["content"] or ""
 
 
