@@ -3,16 +3,13 @@
 Starts a real `loraplex serve` on the default model (NF4, CPU unless CUDA is present), creates 4 random
 LoRA adapters (ranks 8/16, attention-only and all-linear), sends the 16 requests through the HTTP API.
 
-    .venv/bin/python benchmarks/first_throughput.py [--max-tokens 32] [--requests 16]
+    .venv/bin/python -m benchmarks.first_throughput [--max-tokens 32] [--requests 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +20,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.base_model import resolve_base_model  # noqa: E402
+from benchmarks.server_process import ServerProcess  # noqa: E402
 from tests.tiny_models import save_random_adapter  # noqa: E402
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -32,37 +30,6 @@ ADAPTERS = {
     "a2": (8, ALL_LINEAR),
     "a3": (16, ALL_LINEAR),
 }
-
-
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
 
 
 async def one(client: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> int:
@@ -110,12 +77,8 @@ def main() -> None:
         data = Path(tmp)
         for seed, (name, (rank, modules)) in enumerate(ADAPTERS.items()):
             save_random_adapter(model_dir, data / "adapters" / name, rank, 2.0 * rank, modules, seed)
-        proc, url = start_server(data)
-        try:
-            result = asyncio.run(measure(url, args.requests, args.max_tokens))
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        with ServerProcess(data, {}) as server:
+            result = asyncio.run(measure(server.url, args.requests, args.max_tokens))
     print(f"{args.requests} requests x {args.max_tokens} tokens over {len(ADAPTERS)} adapters")
     for key, value in result.items():
         print(f"  {key:26s} {value:8.2f}")
