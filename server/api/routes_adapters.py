@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import APIRouter, File, Query, UploadFile
@@ -20,8 +21,6 @@ from server.api.protocol import LoadLoraAdapterRequest, SaveMergeRequest, Unload
 
 router = APIRouter(tags=["adapters"])
 
-MAX_UPLOAD_BYTES = 512 * 1024 * 1024
-
 
 def describe(state: ServingState, name: str) -> dict:
     info = state.store.describe(name)
@@ -37,30 +36,13 @@ def describe(state: ServingState, name: str) -> dict:
         "slot": resident.slot if resident else None,
         "requests_in_flight": resident.pins if resident else 0,
     }
-    if info.card:
-        entry["training"] = _card_summary(info.card)
-        card_hash = info.card.get("base_model_sha256") or info.card.get("base_model", {}).get(
-            "weights_sha256"
-        )
+    summary = (info.card or {}).get("summary")
+    if isinstance(summary, dict):  # written by training/ (training_card.json)
+        entry["training"] = summary
+        card_hash = summary.get("base_weights_sha256")
         if card_hash and card_hash != state.base.weights_sha256:
             entry["warning"] = "trained on a different base model (weights hash differs from the loaded base)"
     return entry
-
-
-def _card_summary(card: dict) -> dict:
-    keys = (
-        "base_model_id",
-        "created_at",
-        "rows",
-        "epochs",
-        "final_eval_loss",
-        "final_train_loss",
-        "wall_seconds",
-    )
-    summary = {k: card[k] for k in keys if k in card}
-    if "summary" in card and isinstance(card["summary"], dict):
-        summary.update(card["summary"])
-    return summary
 
 
 @router.get("/v1/adapters")
@@ -113,31 +95,35 @@ async def upload_adapter(
 ) -> dict:
     """Stores an adapter from its two files after validating it against the base model."""
     check_adapter_name(name)
-    config_bytes = await _read_limited(adapter_config)
-    weights_bytes = await _read_limited(adapter_model)
-    await run_in_threadpool(_validate_and_store, state, name, config_bytes, weights_bytes, overwrite)
+    limit = state.settings.max_upload_bytes
+    config_bytes = await _read_limited(adapter_config, limit)
+    weights_bytes = await _read_limited(adapter_model, limit)
+
+    def write(folder: Path) -> None:
+        (folder / CONFIG_FILE).write_bytes(config_bytes)
+        (folder / WEIGHTS_FILE).write_bytes(weights_bytes)
+
+    await run_in_threadpool(_store_validated, state, name, write, overwrite)
     return describe(state, name)
 
 
-async def _read_limited(upload: UploadFile) -> bytes:
-    data = await upload.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise APIError(
-            413, f"adapter files must be at most {MAX_UPLOAD_BYTES} bytes", code="upload_too_large"
-        )
+async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise APIError(413, f"adapter files must be at most {limit} bytes", code="upload_too_large")
     return data
 
 
-def _validate_and_store(
-    state: ServingState, name: str, config: bytes, weights: bytes, overwrite: bool
-) -> None:
+def _store_validated(state: ServingState, name: str, write: Callable[[Path], None], overwrite: bool) -> None:
+    """Writes an adapter into a staging folder, validates it as the server would load it, and only
+    then renames it into the store (dropping any resident copy it replaces)."""
+    registry = state.registry
     staged = state.store.staging_dir(name)
     try:
-        (staged / CONFIG_FILE).write_bytes(config)
-        (staged / WEIGHTS_FILE).write_bytes(weights)
-        load_lora_weights(name, staged, state.registry.lora.linear_shapes, state.registry.max_rank)
+        write(staged)
+        load_lora_weights(name, staged, registry.lora.linear_shapes, registry.max_rank)
         if overwrite:
-            state.registry.forget(name)
+            registry.forget(name)
         state.store.commit_staged(staged, name, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -175,16 +161,7 @@ def _save_merge(state: ServingState, name: str, spec: MergeSpec, overwrite: bool
     registry = state.registry
     parts = [registry.read_weights(part) for part, _ in spec.parts]
     merged = merge_lora(spec, parts, name, max_rank=registry.max_rank)
-    staged = state.store.staging_dir(name)
-    try:
-        save_lora_weights(merged, staged, base_model=state.model_id)
-        load_lora_weights(name, staged, registry.lora.linear_shapes, registry.max_rank)  # reloads as saved
-        if overwrite:
-            registry.forget(name)
-        state.store.commit_staged(staged, name, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    _store_validated(state, name, lambda folder: save_lora_weights(merged, folder, state.model_id), overwrite)
 
 
 # ---------------------------------------------------------------- vLLM compatibility

@@ -202,3 +202,12 @@ def test_vllm_compatible_load_and_unload(client, adapter_store_dir):
     assert_openai_error(outside, 400, "invalid_lora_path")
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "attn-r4"}).status_code == 200
     assert_openai_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "attn-r4"}), 404)
+
+
+def test_adapter_listing_shows_the_training_card_and_warns_on_another_base(client, adapter_store_dir):
+    card = {"summary": {"base_model": "other", "base_weights_sha256": "0" * 64, "final_eval_loss": 0.5}}
+    (adapter_store_dir / "attn-r4" / "training_card.json").write_text(json.dumps(card))
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["data"]}
+    assert listed["attn-r4"]["training"]["final_eval_loss"] == 0.5
+    assert "different base model" in listed["attn-r4"]["warning"]
+    assert "warning" not in listed["all-r8"] and "training" not in listed["all-r8"]
