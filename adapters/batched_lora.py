@@ -149,10 +149,11 @@ class BatchedLoRAModel:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.model = model
+        self.dtype = dtype
         self.state = LoRABatchState()
         self.banks: dict[str, LoRABank] = {}
         self.linear_shapes: dict[str, tuple[int, int]] = {}
-        device = next(model.parameters()).device
+        device = self.device = next(model.parameters()).device
         targets = [
             (name, module)
             for name, module in model.named_modules()
@@ -189,8 +190,7 @@ class BatchedLoRAModel:
     @contextlib.contextmanager
     def rows(self, slots: list[int]) -> Iterator[None]:
         """Runs the enclosed forward pass with row ``i`` using adapter slot ``slots[i]``."""
-        device = next(iter(self.banks.values())).lora_A.device if self.banks else None
-        self.state.set_rows(slots, device)
+        self.state.set_rows(slots, self.device)
         try:
             yield
         finally:

@@ -79,7 +79,6 @@ class AdapterRegistry:
         self._free_slots = list(range(max_loaded, 0, -1))  # slot 0 is the base model
         self._name_locks: dict[str, threading.Lock] = {}
         self._name_locks_guard = threading.Lock()
-        self._dtype = next(iter(lora.banks.values())).lora_A.dtype if lora.banks else None
         lora.reserve_slots(max_loaded + 1)
 
     # ----------------------------------------------------------------- queries
@@ -155,7 +154,7 @@ class AdapterRegistry:
     # ----------------------------------------------------------------- internals
     def _read_from_store(self, name: str) -> LoRAWeights:
         folder = self.store.require(name)
-        return load_lora_weights(name, folder, self.lora.linear_shapes, self.max_rank, dtype=self._dtype)
+        return load_lora_weights(name, folder, self.lora.linear_shapes, self.max_rank, dtype=self.lora.dtype)
 
     def _ensure(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import uuid
 
+from server.api.convert import render_chat
 from server.app import build_state
 from server.config import Settings
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
@@ -28,15 +29,13 @@ class InProcessGenerator:
         self.state.engine.stop()
 
     def __call__(self, batch: list[list[dict]], adapter: str | None, max_tokens: int) -> list[str]:
-        tokenizer, registry, engine = self.state.base.tokenizer, self.state.registry, self.state.engine
+        registry, engine = self.state.registry, self.state.engine
         outputs: queue.Queue[GenerationOutput] = queue.Queue()
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         ids = []
         for messages in batch:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            request = GenerationRequest(
-                uuid.uuid4().hex, tokenizer(text, add_special_tokens=False)["input_ids"], params, adapter
-            )
+            prompt_ids = render_chat(self.state, messages)  # exactly as the HTTP API renders chats
+            request = GenerationRequest(uuid.uuid4().hex, prompt_ids, params, adapter)
             if adapter:
                 request.adapter_slot = registry.acquire(adapter)  # released by the engine when done
             engine.submit(request, outputs.put)

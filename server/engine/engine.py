@@ -172,8 +172,7 @@ class LLMEngine:
             self._finish(seq, "cancelled")
         for seq in self.scheduler.next_prefills():
             self._prefill(seq)
-        running = [s for s in self.scheduler.running if not s.finished]
-        if not running:
+        if not self.scheduler.running:  # finished sequences have already left the batch
             return
         last_tokens = [s.output_ids[-1] for s in self.scheduler.running]
         slots = [s.request.adapter_slot for s in self.scheduler.running]

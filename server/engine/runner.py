@@ -24,8 +24,7 @@ class ModelRunner:
         config = model.config.get_text_config(decoder=True)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        dtype = next(iter(lora.banks.values())).lora_A.dtype if lora.banks else torch.float32
-        self.kv = BatchKVCache(config.num_hidden_layers, kv_heads, head_dim, dtype, device)
+        self.kv = BatchKVCache(config.num_hidden_layers, kv_heads, head_dim, lora.dtype, device)
 
     @torch.inference_mode()
     def prefill(self, prompt_token_ids: list[int], slot: int) -> tuple[torch.Tensor, int]:
