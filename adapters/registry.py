@@ -2,9 +2,11 @@
 
 At most ``max_loaded`` adapters hold a slot. Loading one more evicts the least recently used adapter
 that no request is using; an adapter with requests in flight (``pins > 0``) is never evicted or
-unloaded under them. Reading and validating an adapter from disk happens outside the registry's
-lock; only writing the validated weights into the banks takes it, and the engine holds the same lock
-around each forward pass, so banks never change under a running batch.
+unloaded under them. Two locks: ``lock`` guards the banks (forward passes hold it shared, so banks
+never change under a running batch; writing a loaded adapter's weights and clearing an evicted one
+hold it exclusively), and a table lock guards names, slots and pins for a few microseconds at a time, so a
+request for a resident adapter never waits for a forward pass. When both are taken, ``lock`` comes
+first. Reading and validating an adapter from disk holds neither.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from adapters.bank_lock import BankLock
 from adapters.batched_lora import BatchedLoRAModel
 from adapters.errors import AdapterBusy
 from adapters.lora import LoRAWeights, load_lora_weights
@@ -73,7 +76,8 @@ class AdapterRegistry:
         self.lora = lora
         self.max_loaded = max_loaded
         self.max_rank = max_rank
-        self.lock = threading.RLock()  # guards the banks and the tables; held by the engine per forward
+        self.lock = BankLock()  # guards the banks: shared by forward passes, exclusive for bank writes
+        self._table = threading.RLock()  # guards _resident, pins and _free_slots; never held for long
         self.stats = RegistryStats()
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU order: oldest first
         self._free_slots = list(range(max_loaded, 0, -1))  # slot 0 is the base model
@@ -83,15 +87,15 @@ class AdapterRegistry:
 
     # ----------------------------------------------------------------- queries
     def resident(self) -> list[ResidentAdapter]:
-        with self.lock:
+        with self._table:
             return list(self._resident.values())
 
     def get(self, name: str) -> ResidentAdapter | None:
-        with self.lock:
+        with self._table:
             return self._resident.get(name)
 
     def is_loaded(self, name: str) -> bool:
-        with self.lock:
+        with self._table:
             return name in self._resident
 
     # ----------------------------------------------------------------- lifecycle
@@ -118,21 +122,21 @@ class AdapterRegistry:
 
     def read_weights(self, name: str) -> LoRAWeights:
         """An adapter's weights, from its resident copy or (validated) from the store, without loading it."""
-        with self.lock:
+        with self._table:
             resident = self._resident.get(name)
             if resident is not None and resident.origin == "store":
                 return resident.weights
         return self._read_from_store(name)
 
     def release(self, name: str) -> None:
-        with self.lock:
+        with self._table:
             resident = self._resident.get(name)
             if resident is not None and resident.pins > 0:
                 resident.pins -= 1
 
     def unload(self, name: str) -> bool:
         """Frees the slot of ``name``; False if it was not resident."""
-        with self._name_lock(name), self.lock:
+        with self._name_lock(name), self.lock, self._table:
             resident = self._resident.get(name)
             if resident is None:
                 return False
@@ -143,7 +147,7 @@ class AdapterRegistry:
 
     def forget(self, name: str) -> None:
         """Drops a resident copy whose files changed on disk (upload or delete), and merges made from it."""
-        with self._name_lock(name), self.lock:
+        with self._name_lock(name), self.lock, self._table:
             stale = [r for r in self._resident.values() if r.name == name or name in r.parts]
             busy = [r for r in stale if r.pins]
             if busy:
@@ -165,16 +169,18 @@ class AdapterRegistry:
         spec: dict | None = None,
         parts: tuple[str, ...] = (),
     ) -> ResidentAdapter:
+        with self._table:  # the warm path: no name lock, no bank lock
+            resident = self._hit(name, pin)
+            if resident is not None:
+                return resident
         with self._name_lock(name):
-            with self.lock:
-                resident = self._resident.get(name)
+            with self._table:
+                resident = self._hit(name, pin)
                 if resident is not None:
-                    self._resident.move_to_end(name)
-                    resident.pins += int(pin)
                     return resident
             started = time.perf_counter()
-            weights = loader()  # disk read + validation, outside the bank lock
-            with self.lock:
+            weights = loader()  # disk read + validation, outside both locks
+            with self.lock, self._table:
                 slot = self._take_slot()
                 self.lora.install(slot, weights)
                 elapsed = time.perf_counter() - started
@@ -187,6 +193,13 @@ class AdapterRegistry:
                 self.stats.last_load_seconds = elapsed
             logger.info("adapter %s loaded into slot %d in %.1f ms", name, slot, elapsed * 1e3)
             return resident
+
+    def _hit(self, name: str, pin: bool) -> ResidentAdapter | None:
+        resident = self._resident.get(name)
+        if resident is not None:
+            self._resident.move_to_end(name)
+            resident.pins += int(pin)
+        return resident
 
     def _take_slot(self) -> int:
         if self._free_slots:
