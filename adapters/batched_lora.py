@@ -1,27 +1,35 @@
 """Per-row LoRA in one forward pass: every row of a batch carries its own adapter slot.
 
 Each adapted linear layer keeps a *bank* of the resident adapters' weights stacked by slot
-(slot 0 is all zeros: the base model). For a batch whose rows use slots ``s``, the layer computes
+(slot 0 is all zeros: the base model; A as ``(slots, r, in)``, B transposed as ``(slots, r, out)``).
+For a batch whose rows use slots ``s``, the layer computes
 
     y = W x + B[s] (A[s] x)
 
-in one of two ways, chosen per forward pass from the batch's make-up:
+in one of these ways, chosen once per forward pass from the batch's make-up:
 
-- *gather* (Punica's BGMV / S-LoRA's MBGMV written in plain PyTorch): gather every row's A and B from
-  the bank and run two batched matmuls. Its cost is flat in the number of distinct adapters, but the
-  gather copies ``rows × rank × (in + out)`` weights per layer.
-- *segments* (LoRAX's SGMV idea): for each distinct adapter, two matmuls on its rows with the bank's
-  weights used in place (no copy). Cheapest when few adapters share the batch, and for prefill.
+- *single*: every row uses one adapter: two matmuls with the bank's weights in place.
+- *stacked* (few distinct adapters, ``2 × distinct ≤ rows``): the distinct adapters' A and B are
+  gathered once per layer and stacked along the rank, ``h = x A_Uᵀ`` gives every row its projection
+  on every adapter, a one-hot mask keeps each row's own block, and ``h B_U`` adds the deltas. Two big
+  matmuls instead of two per adapter; the copy is ``distinct × r × (in + out)``.
+- *gather* (Punica's BGMV / S-LoRA's MBGMV in plain PyTorch): gather every row's A and B and run two
+  batched matmuls; flat in the number of distinct adapters, copies ``rows × r × (in + out)``.
+- *token ranges* (packed prefill, LoRAX's SGMV idea): prompts run end to end as one row, and each
+  prompt's token range uses its adapter's weights in place.
 
-Measured on 2 CPU cores, batch 32, rank 16 on all linears of SmolLM2-135M (per decode step):
-segments 13 / 22 / 49 ms for 1 / 4 / 8 distinct adapters, gather 43-77 ms whatever the number, so
-segments are used up to ``rows // 4`` distinct adapters and gather beyond. Ranks are padded with zeros
-to the bank's rank, which adds exact zeros; no custom kernel is needed, so CPU and CUDA run the same code.
+Measured per linear (576 → 1536, rank 16, bf16, 1 CPU thread): 20 rows over 8 adapters — stacked
+144 µs, gather 279 µs, one matmul pair per adapter 731 µs; 20 rows over 20 adapters — stacked 357 µs,
+gather 299 µs; the base layer itself 253 µs (``/tmp``-free rerun: ``python -m benchmarks.lora_modes``).
+Ranks are padded with zeros to the bank's rank, which adds exact zeros; no custom kernel is needed,
+so CPU and CUDA run the same code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -32,31 +40,84 @@ from adapters.lora import LoRAModule, LoRAWeights
 _EXCLUDED_MODULES = ("lm_head",)
 
 
-class LoRABatchState:
-    """The adapter slot of each row in the forward pass now running (shared by every layer)."""
+_MAX_STACKED = 16  # most distinct adapters the stacked mode gathers (bounds its cached copies)
+
+
+class LoRABatchState(threading.local):
+    """How the forward pass now running maps rows (or tokens) to adapter slots.
+
+    Shared by every layer of the model; built once per forward pass by :meth:`BatchedLoRAModel.rows`
+    or :meth:`BatchedLoRAModel.token_ranges`. Thread-local: the engine's decode step and its prefill
+    worker run forward passes through the same layers at the same time, each with its own rows.
+    The stacked weights gathered for a set of distinct adapters are kept per bank while consecutive
+    forward passes use the same set (a decode batch keeps its adapters for many steps).
+    """
 
     def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None  # (B,) int64, on the model's device
-        self.unique_slots: frozenset[int] = frozenset()
-        # segments mode: (slot, rows of that slot or None for every row); empty = gather mode
-        self.segments: list[tuple[int, torch.Tensor | None]] = []
-
-    def set_rows(self, slots: list[int], device: torch.device | None) -> None:
-        self.unique_slots = frozenset(slots) - {0}
-        if not self.unique_slots:
-            self.slots, self.segments = None, []
-            return
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
-        self.segments = []
-        if len(self.unique_slots) == 1 and 0 not in slots:
-            self.segments = [(slots[0], None)]
-        elif len(self.unique_slots) <= max(1, len(slots) // 4):
-            for slot in sorted(self.unique_slots):
-                rows = [i for i, s in enumerate(slots) if s == slot]
-                self.segments.append((slot, torch.tensor(rows, dtype=torch.long, device=device)))
+        # id(bank) -> ((bank version, slots), A, B): kept while consecutive passes use the same adapters
+        self.stacks: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self.clear()
 
     def clear(self) -> None:
-        self.slots, self.unique_slots, self.segments = None, frozenset(), []
+        self.mode = "none"  # none | single | stacked | gather
+        self.unique_slots: frozenset[int] = frozenset()
+        self.single_slot = 0
+        self.slots: torch.Tensor | None = None  # gather: (B,) slot of each row
+        self.ranges: list[tuple[int, int, int]] = []  # stacked: (slot, first row, end row)
+        self.rows = 0
+        self.masks: dict[tuple, torch.Tensor] = {}  # stacked: per (slots, ranks) of a bank
+        self.device: torch.device | None = None
+        self.dtype = torch.float32
+
+    def set_rows(self, slots: list[int], device: torch.device | None, dtype: torch.dtype) -> None:
+        """Row ``i`` of the next forward pass (one token per row, or a whole sequence) uses ``slots[i]``."""
+        self.clear()
+        self.unique_slots = frozenset(slots) - {0}
+        if not self.unique_slots:
+            return
+        if len(self.unique_slots) == 1 and 0 not in slots:
+            self.mode, self.single_slot = "single", slots[0]
+        elif 2 * len(self.unique_slots) <= len(slots) and len(self.unique_slots) <= _MAX_STACKED:
+            self._stacked([(slot, row, row + 1) for row, slot in enumerate(slots)], len(slots), device, dtype)
+        else:
+            self.mode = "gather"
+            self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+
+    def set_token_ranges(
+        self, ranges: list[tuple[int, int, int]], device: torch.device | None, dtype: torch.dtype
+    ) -> None:
+        """One packed row: its tokens ``start:end`` use ``slot`` for each ``(slot, start, end)``."""
+        self.clear()
+        self.unique_slots = frozenset(slot for slot, _, _ in ranges) - {0}
+        if len(self.unique_slots) == 1 and all(slot for slot, _, _ in ranges):
+            self.mode, self.single_slot = "single", ranges[0][0]
+        elif self.unique_slots:
+            self._stacked(ranges, max(end for _, _, end in ranges), device, dtype)
+
+    def _stacked(self, ranges: list[tuple[int, int, int]], rows: int, device, dtype) -> None:
+        self.mode, self.ranges, self.rows = "stacked", [r for r in ranges if r[0]], rows
+        self.device, self.dtype = device, dtype
+
+    def stacked(self, bank: LoRABank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``bank``'s weights for this pass, stacked over the adapters it holds at their own ranks:
+        A ``(Σr, in)``, Bᵀ ``(Σr, out)``, and the ``(rows, 1, Σr)`` mask of each row's block."""
+        slots = tuple(sorted(bank.active_slots & self.unique_slots))
+        ranks = tuple(bank.ranks[slot] for slot in slots)
+        cached = self.stacks.get(id(bank))
+        if cached is None or cached[0] != (bank.version, slots):
+            lora_A = torch.cat([bank.lora_A[slot, :r] for slot, r in zip(slots, ranks)])
+            lora_B = torch.cat([bank.lora_B[slot, :r] for slot, r in zip(slots, ranks)])
+            cached = ((bank.version, slots), lora_A, lora_B)
+            self.stacks[id(bank)] = cached
+        mask = self.masks.get((slots, ranks))
+        if mask is None:
+            offsets = dict(zip(slots, itertools.accumulate((0, *ranks))))
+            mask = torch.zeros(self.rows, 1, sum(ranks), dtype=self.dtype)
+            for slot, start, end in self.ranges:
+                if slot in offsets:
+                    mask[start:end, 0, offsets[slot] : offsets[slot] + bank.ranks[slot]] = 1
+            mask = self.masks[(slots, ranks)] = mask.to(self.device)
+        return cached[1], cached[2], mask
 
 
 class LoRABank:
@@ -66,8 +127,10 @@ class LoRABank:
         self.in_features = in_features
         self.out_features = out_features
         self.lora_A = torch.zeros(1, 0, in_features, dtype=dtype, device=device)  # (S, r, in)
-        self.lora_B = torch.zeros(1, out_features, 0, dtype=dtype, device=device)  # (S, out, r)
+        self.lora_B = torch.zeros(1, 0, out_features, dtype=dtype, device=device)  # (S, r, out): Bᵀ
         self.active_slots: set[int] = set()
+        self.ranks: dict[int, int] = {}  # slot -> the rank of the adapter it holds
+        self.version = 0  # bumped on every change: stacked copies of older versions are stale
 
     @property
     def num_slots(self) -> int:
@@ -83,21 +146,24 @@ class LoRABank:
             return
         new_slots, new_rank = max(num_slots, self.num_slots), max(rank, self.rank)
         lora_A = self.lora_A.new_zeros(new_slots, new_rank, self.in_features)
-        lora_B = self.lora_B.new_zeros(new_slots, self.out_features, new_rank)
+        lora_B = self.lora_B.new_zeros(new_slots, new_rank, self.out_features)
         lora_A[: self.num_slots, : self.rank] = self.lora_A
-        lora_B[: self.num_slots, :, : self.rank] = self.lora_B
+        lora_B[: self.num_slots, : self.rank] = self.lora_B
         self.lora_A, self.lora_B = lora_A, lora_B
+        self.version += 1
 
     def write(self, slot: int, module: LoRAModule | None) -> None:
         """Puts ``module`` into ``slot`` (the scaling folded into B), or clears the slot."""
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.active_slots.discard(slot)
+        self.ranks.pop(slot, None)
+        self.version += 1
         if module is None:
             return
-        r = module.rank
+        r = self.ranks[slot] = module.rank
         self.lora_A[slot, :r] = module.lora_A.to(self.lora_A)
-        self.lora_B[slot, :, :r] = (module.lora_B.float() * module.scaling).to(self.lora_B)
+        self.lora_B[slot, :r] = (module.lora_B.float() * module.scaling).T.to(self.lora_B)
         self.active_slots.add(slot)
 
 
@@ -113,30 +179,26 @@ class BatchedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         state, bank = self.state, self.bank
-        if state.slots is None or bank.active_slots.isdisjoint(state.unique_slots):
+        if not state.unique_slots or bank.active_slots.isdisjoint(state.unique_slots):
             return y
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(bank.lora_A.dtype)  # (B, T, in)
-        if state.segments:
-            return self._segments(x3, y)
-        lora_A = bank.lora_A.index_select(0, state.slots)  # (B, r, in)
-        lora_B = bank.lora_B.index_select(0, state.slots)  # (B, out, r)
-        h = torch.bmm(x3, lora_A.transpose(1, 2))  # (B, T, r)
-        delta = torch.bmm(h, lora_B.transpose(1, 2))  # (B, T, out)
-        return y + delta.reshape(y.shape).to(y.dtype)
-
-    def _segments(self, x3: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        bank = self.bank
-        y3 = y.reshape(y.shape[0], -1, y.shape[-1])  # (B, T, out), a view of y
-        for slot, rows in self.state.segments:
-            if slot not in bank.active_slots:
-                continue
-            xs = x3 if rows is None else x3.index_select(0, rows)  # (n, T, in)
-            delta = (xs @ bank.lora_A[slot].T) @ bank.lora_B[slot].T  # (n, T, r) -> (n, T, out)
-            if rows is None:
-                y3 = y3 + delta.to(y3.dtype)
-            else:
-                y3 = y3.index_add(0, rows, delta.to(y3.dtype))
-        return y3.reshape(y.shape)
+        x2 = x.reshape(-1, x.shape[-1]).to(bank.lora_A.dtype)  # (N, in): every token of every row
+        y2 = y.reshape(-1, y.shape[-1])  # (N, out)
+        if state.mode == "single":
+            h = x2 @ bank.lora_A[state.single_slot].T  # (N, r)
+            lora_B = bank.lora_B[state.single_slot]  # (r, out)
+        elif state.mode == "stacked":
+            lora_A, lora_B, mask = state.stacked(bank)  # (Σr, in), (Σr, out), (rows, 1, Σr)
+            h = x2 @ lora_A.T  # (N, Σr): every token on every adapter of this pass
+            h.view(mask.shape[0], -1, h.shape[1]).mul_(mask)  # keep each row's own block
+        else:  # gather
+            x3 = x2.view(len(state.slots), -1, x2.shape[-1])  # (B, T, in)
+            lora_A = bank.lora_A.index_select(0, state.slots)  # (B, r, in)
+            lora_B = bank.lora_B.index_select(0, state.slots)  # (B, r, out)
+            delta = torch.bmm(torch.bmm(x3, lora_A.transpose(1, 2)), lora_B)  # (B, T, out)
+            return y + delta.reshape(y.shape).to(y.dtype)
+        if y2.dtype == lora_B.dtype:
+            return torch.addmm(y2, h, lora_B).view(y.shape)
+        return y + (h @ lora_B).to(y.dtype).view(y.shape)
 
 
 class BatchedLoRAModel:
@@ -188,9 +250,18 @@ class BatchedLoRAModel:
             bank.reserve(num_slots, bank.rank)
 
     @contextlib.contextmanager
+    def token_ranges(self, ranges: list[tuple[int, int, int]]) -> Iterator[None]:
+        """Runs the enclosed forward pass of one packed row: tokens ``start:end`` use adapter ``slot``."""
+        self.state.set_token_ranges(ranges, self.device, self.dtype)
+        try:
+            yield
+        finally:
+            self.state.clear()
+
+    @contextlib.contextmanager
     def rows(self, slots: list[int]) -> Iterator[None]:
         """Runs the enclosed forward pass with row ``i`` using adapter slot ``slots[i]``."""
-        self.state.set_rows(slots, self.device)
+        self.state.set_rows(slots, self.device, self.dtype)
         try:
             yield
         finally:

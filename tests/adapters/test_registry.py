@@ -52,13 +52,13 @@ def test_unknown_adapter(registry):
     "layout",
     [
         pytest.param([None, "attn-r4", "all-r8"], id="gather"),  # 2 adapters in 3 rows
-        pytest.param(["attn-r4", None, "attn-r4", "all-r8", None, None, "all-r8", None], id="segments"),
-        pytest.param(["all-r8", "all-r8"], id="single-adapter"),
+        pytest.param(["attn-r4", None, "attn-r4", "all-r8", None, None, "all-r8", None], id="stacked"),
+        pytest.param(["all-r8", "all-r8"], id="single"),
     ],
 )
-def test_batched_rows_match_peft_per_adapter(registry, tiny_base_dir, tiny_adapter_sources, layout):
-    """One forward over rows with mixed adapters equals PEFT run for each adapter alone, in both the
-    gather and the segment mode of the batched LoRA layer."""
+def test_batched_rows_match_peft_per_adapter(registry, tiny_base_dir, tiny_adapter_sources, layout, request):
+    """One forward over rows with mixed adapters equals PEFT run for each adapter alone, in every
+    mode of the batched LoRA layer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -66,6 +66,7 @@ def test_batched_rows_match_peft_per_adapter(registry, tiny_base_dir, tiny_adapt
     slots = [reg.acquire(name) if name else 0 for name in layout]
     input_ids = torch.randint(3, 200, (len(layout), 7))
     with torch.no_grad(), reg.lora.rows(slots):
+        assert reg.lora.state.mode == request.node.callspec.id
         batched = base.model(input_ids=input_ids).logits  # (B, 7, V)
     references = {}
     for name in set(layout):
