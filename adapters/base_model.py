@@ -162,6 +162,21 @@ def compute_dtype_for(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def serving_dtype_for(device: torch.device) -> torch.dtype:
+    """The server's default compute dtype: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or
+    AMX), else fp32. Measured on an AVX512-BF16 CPU, SmolLM2-135M, 1 thread: a batch-32 decode step
+    221 ms in bf16 vs 372 ms in fp32, batch 1 71 vs 106 ms; bitsandbytes' fused CPU 4-bit kernel runs
+    in bf16 only (other dtypes are converted around every call)."""
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        native = any(
+            getattr(cpu, name, lambda: False)()
+            for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+        return torch.bfloat16 if native else torch.float32
+    return compute_dtype_for(device)
+
+
 def quantization_config(quantization: str, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 

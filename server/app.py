@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapters.base_model import load_base_model, resolve_base_model
+from adapters.base_model import load_base_model, pick_device, resolve_base_model, serving_dtype_for
 from adapters.batched_lora import BatchedLoRAModel
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
@@ -25,16 +26,25 @@ from server.api.request_context import RequestContextMiddleware
 from server.config import Settings
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
 from server.engine.runner import ModelRunner
+from server.engine.threads import limit_threads
 
 logger = logging.getLogger(__name__)
 
 
 def build_state(settings: Settings) -> ServingState:
     """Loads the base model and wires adapters, registry and engine (the engine is not started)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    device = pick_device(settings.device)
+    cores = os.cpu_count() or 1
+    prefill_worker = settings.prefill_worker == "on" or (
+        settings.prefill_worker == "auto" and device.type == "cpu" and cores >= 2
+    )
+    # Two engine threads compute at once with the prefill worker: half the cores each.
+    threads = settings.torch_threads or (max(1, cores // 2) if prefill_worker else cores)
+    if device.type == "cpu":
+        limit_threads(threads)
     model_dir = resolve_base_model(settings.base_model, settings.cache_dir)
-    base = load_base_model(model_dir, settings.quantization, settings.device)
+    dtype = serving_dtype_for(device) if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    base = load_base_model(model_dir, settings.quantization, settings.device, dtype)
     compute_dtype = next(p for p in base.model.parameters() if p.is_floating_point()).dtype
     lora = BatchedLoRAModel(base.model, compute_dtype)
     store = AdapterStore(settings.adapter_dir)
@@ -44,7 +54,13 @@ def build_state(settings: Settings) -> ServingState:
         ModelRunner(base.model, lora, base.device),
         registry,
         base.tokenizer,
-        EngineConfig(settings.max_batch_size, settings.max_prefills_per_step, context_length),
+        EngineConfig(
+            settings.max_batch_size,
+            settings.max_prefills_per_step,
+            context_length,
+            prefill_worker,
+            threads if device.type == "cpu" else None,
+        ),
         eos_ids_for(base.tokenizer, base.model),
     )
     rag = CollectionManager(

@@ -25,9 +25,15 @@ class Settings(BaseSettings):
         description="local HF causal-LM dir or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
     )
     quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="bitsandbytes quantization")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="compute dtype (auto: bfloat16 on GPUs and on CPUs with native bf16, else float32)",
+    )
     device: str | None = Field(None, description="torch device (default: cuda when available, else cpu)")
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads for torch (default: torch's choice, one per core)"
+        None,
+        ge=1,
+        description="CPU threads per engine thread (default: one per core, half with the prefill worker)",
     )
     data_dir: Path = Field(Path("data"), description="data directory (adapters, RAG collections)")
     adapter_dir: Path | None = Field(None, description="adapter store (default: DATA_DIR/adapters)")
@@ -38,6 +44,11 @@ class Settings(BaseSettings):
     max_adapter_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
     max_batch_size: int = Field(64, ge=1, le=1024, description="sequences decoded together per step")
     max_prefills_per_step: int = Field(4, ge=1, le=256, description="new sequences prefilled per step")
+    prefill_worker: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="prefill in a second thread while decoding (auto: on for CPUs with 2+ cores, "
+        "each thread then gets half the cores)",
+    )
     max_model_len: int = Field(
         2048, ge=16, description="context window cap (prompt + completion tokens), at most the model's"
     )

@@ -41,6 +41,13 @@ class ServerMetrics:
         self.adapter_load_seconds = Gauge(
             "loraplex_adapter_last_load_seconds", "duration of the last adapter load", registry=r
         )
+        self.engine_seconds = Gauge(
+            "loraplex_engine_forward_seconds", "engine time in forward passes", ["phase"], registry=r
+        )
+        self.engine_steps = Gauge("loraplex_engine_decode_steps", "decode steps since start", registry=r)
+        self.engine_rows = Gauge(
+            "loraplex_engine_decode_rows", "summed batch size of the decode steps", registry=r
+        )
         self.rag_search_seconds = Histogram(
             "loraplex_rag_search_seconds", "RAG retrieval latency", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -53,3 +60,8 @@ class ServerMetrics:
         self.adapter_loads.set_function(lambda: state.registry.stats.loads)
         self.adapter_evictions.set_function(lambda: state.registry.stats.evictions)
         self.adapter_load_seconds.set_function(lambda: state.registry.stats.last_load_seconds)
+        stats = state.engine.stats
+        self.engine_seconds.labels("prefill").set_function(lambda: stats.prefill_seconds)
+        self.engine_seconds.labels("decode").set_function(lambda: stats.decode_seconds)
+        self.engine_steps.set_function(lambda: stats.steps)
+        self.engine_rows.set_function(lambda: stats.decode_rows)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from adapters.registry import AdapterRegistry
-from server.engine.runner import ModelRunner
+from server.engine.runner import ModelRunner, Prefilled
 from server.engine.sampling import make_generator, sample_row
 from server.engine.scheduler import Scheduler, Sequence
+from server.engine.threads import limit_threads
 from server.engine.types import (
     ContextLengthExceeded,
     EngineUnavailable,
@@ -35,6 +36,8 @@ class EngineConfig:
     max_running: int = 64
     max_prefills_per_step: int = 4
     context_length: int = 2048
+    prefill_worker: bool = False  # prefill in a second thread while the engine thread decodes
+    cpu_threads: int | None = None  # compute threads of each engine thread (None: leave as they are)
 
 
 @dataclass
@@ -51,6 +54,10 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finished: int = 0
+    prefill_forwards: int = 0
+    prefill_seconds: float = 0.0  # engine time in prefill forward passes
+    decode_seconds: float = 0.0  # engine time in decode forward passes
+    decode_rows: int = 0  # summed batch size of the decode steps (÷ steps = mean batch)
 
 
 class LLMEngine:
@@ -86,17 +93,34 @@ class LLMEngine:
         self._last_beat = time.monotonic()
         self._error: BaseException | None = None
         self.on_fatal: Callable[[], None] | None = None
+        # The prefill worker takes packed batches from the waiting queue as fast as it can prefill
+        # them; results come back through the inbox. ``_waiting`` guards the queue and the count of
+        # sequences in the worker's hands (the engine thread and the worker both touch them).
+        self._waiting = threading.Condition(threading.Lock())
+        self._prefill_thread: threading.Thread | None = None
+        self._in_prefill = 0
+        self._prefilled: list[tuple[list[Sequence], list[Prefilled] | None, BaseException | None, float]] = []
 
     # ------------------------------------------------------------------ public interface
     def start(self) -> None:
+        with self.registry.lock.shared():
+            self.runner.warm_up()
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
+        if self.config.prefill_worker:
+            self._prefill_thread = threading.Thread(
+                target=self._prefill_loop, name="loraplex-prefill", daemon=True
+            )
+            self._prefill_thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._inbox.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        with self._waiting:
+            self._waiting.notify_all()
+        for thread in (self._thread, self._prefill_thread):
+            if thread is not None:
+                thread.join(timeout)
 
     def submit(self, request: GenerationRequest, emit: Callable[[GenerationOutput], None]) -> None:
         """Queues a request; ``emit`` is called from the engine thread with each update."""
@@ -124,19 +148,21 @@ class LLMEngine:
             alive=alive,
             seconds_since_step=time.monotonic() - self._last_beat,
             running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
+            waiting=len(self.scheduler.waiting) + self._in_prefill,
         )
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        if self.config.cpu_threads:
+            limit_threads(self.config.cpu_threads)
         try:
             while not self._stop.is_set():
                 self._last_beat = time.monotonic()
-                self._drain_inbox(block=not self.scheduler.has_work())
-                if self.scheduler.has_work():
+                self._drain_inbox(block=not self._can_step())
+                if self._can_step():
                     # Inference mode for the whole step: the KV buffers are (re)allocated and edited
                     # in place both inside forward passes and between them.
-                    with self.registry.lock, torch.inference_mode():
+                    with self.registry.lock.shared(), torch.inference_mode():
                         self._step()
         except BaseException as e:  # a fatal error: fail everyone, mark the engine dead
             self._error = e
@@ -145,6 +171,37 @@ class LLMEngine:
                 self._finish(seq, "error", error=GenerationFailed("The generation engine failed."))
             if self.on_fatal is not None:
                 self.on_fatal()
+
+    def _can_step(self) -> bool:
+        if self.scheduler.running or self._prefilled:
+            return True
+        return self._prefill_thread is None and bool(self.scheduler.waiting)
+
+    def _prefill_loop(self) -> None:
+        """The prefill worker: runs packed prefill forward passes while the engine thread decodes."""
+        if self.config.cpu_threads:
+            limit_threads(self.config.cpu_threads)
+        while True:
+            with self._waiting:
+                while not self._stop.is_set():
+                    room = self.scheduler.max_running - len(self.scheduler.running) - self._in_prefill
+                    if self.scheduler.waiting and room > 0:
+                        break
+                    self._waiting.wait(0.05)  # rows free up without a notification: poll
+                if self._stop.is_set():
+                    return
+                seqs = self.scheduler.next_prefills(room)
+                self._in_prefill += len(seqs)
+            started = time.perf_counter()
+            done, error = None, None
+            try:
+                with self.registry.lock.shared():
+                    done = self.runner.prefill_forward(
+                        [(s.request.prompt_token_ids, s.request.adapter_slot) for s in seqs]
+                    )
+            except Exception as e:  # noqa: BLE001 - handed to the engine thread with the batch
+                error = e
+            self._inbox.put(("prefilled", (seqs, done, error, time.perf_counter() - started)))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -155,27 +212,42 @@ class LLMEngine:
             kind, payload = item
             if kind == "submit":
                 self._by_id[payload.request_id] = payload
-                self.scheduler.add(payload)
+                with self._waiting:
+                    self.scheduler.add(payload)
+                    self._waiting.notify()
+            elif kind == "prefilled":
+                self._prefilled.append(payload)
             elif kind == "cancel":
                 seq = self._by_id.get(payload)
                 if seq is not None:
                     seq.cancelled = True
+                    with self._waiting:
+                        queued = seq in self.scheduler.waiting
+                    if queued:  # not yet prefilled: done now (the worker skips nothing it takes)
+                        self._finish(seq, "cancelled")
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
 
     def _step(self) -> None:
-        for seq in self.scheduler.drop_cancelled_waiting():
-            self._finish(seq, "cancelled")
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, "cancelled")
-        for seq in self.scheduler.next_prefills():
-            self._prefill(seq)
+        prefilled, self._prefilled = self._prefilled, []
+        for seqs, done, error, seconds in prefilled:
+            with self._waiting:
+                self._in_prefill -= len(seqs)
+                self._waiting.notify()
+            self._prefill_returned(seqs, done, error, seconds)
+        if self._prefill_thread is None:
+            prefills = self.scheduler.next_prefills(self.scheduler.max_running - len(self.scheduler.running))
+            if prefills:
+                self._prefill(prefills)
         if not self.scheduler.running:  # finished sequences have already left the batch
             return
         last_tokens = [s.output_ids[-1] for s in self.scheduler.running]
         slots = [s.request.adapter_slot for s in self.scheduler.running]
+        started = time.perf_counter()
         try:
             logits = self.runner.decode(last_tokens, slots)  # (B, V)
         except Exception as e:  # noqa: BLE001 - one bad step fails this batch, not the server
@@ -184,24 +256,66 @@ class LLMEngine:
                 self._finish(seq, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
             return
         self.stats.steps += 1
+        self.stats.decode_seconds += time.perf_counter() - started
+        self.stats.decode_rows += len(slots)
         # Rows move when a sequence leaves (swap-remove), so pair each sequence with its row first.
         for row, seq in enumerate(list(self.scheduler.running)):
             token = sample_row(logits[row], seq.output_ids, seq.request.sampling, seq.generator)
             self._on_token(seq, token)
 
-    def _prefill(self, seq: Sequence) -> None:
-        req = seq.request
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefills ``seqs`` packed in one forward pass in this thread; they join the batch."""
+        started = time.perf_counter()
+        done, error = None, None
         try:
-            logits, row = self.runner.prefill(req.prompt_token_ids, req.adapter_slot)
-        except Exception as e:  # noqa: BLE001 - fail this request only
-            logger.exception("prefill failed for request %s", req.request_id)
-            self._finish(seq, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
+            done = self.runner.prefill_forward(
+                [(s.request.prompt_token_ids, s.request.adapter_slot) for s in seqs]
+            )
+        except Exception as e:  # noqa: BLE001 - fail the request at fault only
+            error = e
+        self._prefill_returned(seqs, done, error, time.perf_counter() - started)
+
+    def _prefill_returned(
+        self, seqs: list[Sequence], done: list[Prefilled] | None, error: BaseException | None, seconds: float
+    ) -> None:
+        """Admits a prefilled batch into the running batch, or fails the request at fault."""
+        if error is not None:
+            if len(seqs) > 1:  # find the one at fault: the others are prefilled alone, here
+                logger.warning("packed prefill of %d prompts failed (%r); one at a time", len(seqs), error)
+                for seq in seqs:
+                    self._prefill([seq])
+                return
+            logger.error("prefill failed for request %s", seqs[0].request_id, exc_info=error)
+            self._finish(
+                seqs[0], "error", error=GenerationFailed(f"generation failed: {type(error).__name__}")
+            )
             return
-        self.scheduler.join(seq, row)
-        self.stats.prompt_tokens += len(req.prompt_token_ids)
-        token = sample_row(logits, seq.output_ids, req.sampling, seq.generator)
-        seq.first_token_time = time.perf_counter()
-        self._on_token(seq, token)
+        assert done is not None
+        self.stats.prefill_forwards += 1
+        self.stats.prefill_seconds += seconds
+        live = []
+        for seq, item in zip(seqs, done):
+            if seq.cancelled and not seq.finished:
+                self._finish(seq, "cancelled")
+            elif not seq.finished:
+                live.append((seq, item))
+        try:
+            results = self.runner.add_rows([item for _, item in live])
+        except Exception as e:  # noqa: BLE001 - the batch is left as it was
+            logger.error("adding %d prefilled rows failed", len(live), exc_info=e)
+            for seq, _ in live:
+                self._finish(seq, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
+            return
+        # Every row joins before any token is handled: a sequence finishing at once swap-removes its
+        # row with the batch's last one, which must already belong to a joined sequence.
+        for (seq, _), (_, row) in zip(live, results):
+            self.scheduler.join(seq, row)
+            self.stats.prompt_tokens += len(seq.request.prompt_token_ids)
+        now = time.perf_counter()
+        for (seq, _), (logits, _) in zip(live, results):
+            token = sample_row(logits, seq.output_ids, seq.request.sampling, seq.generator)
+            seq.first_token_time = now
+            self._on_token(seq, token)
 
     # ------------------------------------------------------------------ tokens → text
     def _on_token(self, seq: Sequence, token: int) -> None:
@@ -238,8 +352,10 @@ class LLMEngine:
         if seq.row is not None:
             moved_from = self.runner.remove_row(seq.row)
             self.scheduler.leave(seq, moved_from)
-        elif seq in self.scheduler.waiting:
-            self.scheduler.waiting.remove(seq)
+        else:
+            with self._waiting:
+                if seq in self.scheduler.waiting:
+                    self.scheduler.waiting.remove(seq)
         if final_text is None:
             final_text = seq.text_sent
         delta = final_text[len(seq.text_sent) :] if final_text.startswith(seq.text_sent) else ""

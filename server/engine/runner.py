@@ -2,40 +2,105 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
 from adapters.batched_lora import BatchedLoRAModel
+from server.engine.attention import use_engine_attention
 from server.engine.kv_cache import BatchKVCache
+
+
+@dataclass
+class Prefilled:
+    """A prompt's prefill result before it joins the batch: last logits and per-layer K/V."""
+
+    logits: torch.Tensor  # (V,)
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, T, head_dim) K and V
 
 
 class ModelRunner:
     """Owns the model's forward passes and the running batch's KV cache.
 
-    Prefill runs one new sequence alone (its prompt has no padding, so its result is the same whatever
-    else is running); decode runs one token for every running row together, each row with its own
-    adapter, in a single forward pass.
+    Prefill packs the new prompts end to end into one sequence (one matrix per linear layer for all of
+    their tokens; each prompt attends to itself only and uses its own adapter for its token range), so
+    a prompt's prefill does not depend on what else is prefilled with it. Decode runs one token for
+    every running row together, each row with its own adapter, in a single forward pass.
     """
 
     def __init__(self, model: torch.nn.Module, lora: BatchedLoRAModel, device: torch.device):
         self.model = model
         self.lora = lora
         self.device = device
+        use_engine_attention(model)
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
         config = model.config.get_text_config(decoder=True)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.kv = BatchKVCache(config.num_hidden_layers, kv_heads, head_dim, lora.dtype, device)
+        kv_dtype = model.get_input_embeddings().weight.dtype  # the dtype keys and values are computed in
+        self.kv = BatchKVCache(config.num_hidden_layers, kv_heads, head_dim, kv_dtype, device)
 
     @torch.inference_mode()
-    def prefill(self, prompt_token_ids: list[int], slot: int) -> tuple[torch.Tensor, int]:
-        """Runs a prompt alone, adds it to the batch cache; returns its last logits ``(V,)`` and its row."""
-        input_ids = torch.tensor([prompt_token_ids], dtype=torch.long, device=self.device)  # (1, T)
+    def prefill(self, prompts: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, int]]:
+        """Prefills ``(prompt token ids, adapter slot)`` pairs in one forward pass and adds them to the
+        batch cache; returns each prompt's last logits ``(V,)`` and its row."""
+        return self.add_rows(self.prefill_forward(prompts))
+
+    @torch.inference_mode()
+    def prefill_forward(self, prompts: list[tuple[list[int], int]]) -> list[Prefilled]:
+        """The forward pass of :meth:`prefill` alone: touches no batch state, so it may run in another
+        thread while :meth:`decode` runs."""
+        lengths = [len(ids) for ids, _ in prompts]
+        bounds = [0, *itertools.accumulate(lengths)]
+        input_ids = torch.tensor(
+            [[t for ids, _ in prompts for t in ids]], dtype=torch.long, device=self.device
+        )  # (1, ΣT)
+        position_ids = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]  # (1, ΣT)
+        cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
+        ranges = [(slot, bounds[i], bounds[i + 1]) for i, (_, slot) in enumerate(prompts)]
         cache = DynamicCache()
-        with self.lora.rows([slot]):
-            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        row = self.kv.add_row(layers)
-        return out.logits[0, -1], row
+        with self.lora.token_ranges(ranges):
+            hidden = self.decoder(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu,
+                max_length_q=max(lengths),
+                max_length_k=max(lengths),
+            ).last_hidden_state  # (1, ΣT, H)
+        last = hidden[0].index_select(0, cu[1:].long() - 1)  # (n, H), contiguous
+        logits = self.lm_head(last)  # (n, V)
+        return [
+            Prefilled(
+                logits[i],
+                [(layer.keys[:, :, start:end], layer.values[:, :, start:end]) for layer in cache.layers],
+            )
+            for i, (start, end) in enumerate(zip(bounds, bounds[1:]))
+        ]
+
+    @torch.inference_mode()
+    def add_rows(self, prefilled: list[Prefilled]) -> list[tuple[torch.Tensor, int]]:
+        """Adds prefilled prompts to the batch cache; returns their logits and rows."""
+        results: list[tuple[torch.Tensor, int]] = []
+        try:
+            for item in prefilled:
+                results.append((item.logits, self.kv.add_row(item.layers)))
+        except BaseException:  # e.g. out of memory growing the cache: leave the batch as it was
+            for _, row in reversed(results):
+                self.kv.remove_row(row)
+            raise
+        return results
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One tiny forward pass, before any concurrency: bitsandbytes repacks 4-bit weights for the
+        CPU on their first use, which must not race between the decode and prefill threads."""
+        self.prefill_forward([([0, 1], 0)])
 
     @torch.inference_mode()
     def decode(self, last_token_ids: list[int], slots: list[int]) -> torch.Tensor:

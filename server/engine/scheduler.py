@@ -50,17 +50,15 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+    def next_prefills(self, room: int) -> list[Sequence]:
+        """Up to ``max_prefills_per_step`` waiting sequences (at most ``room``) to prefill together.
 
-    def next_prefills(self) -> list[Sequence]:
-        """The waiting sequences to prefill now (they join the running batch this step)."""
-        room = min(self.max_running - len(self.running), self.max_prefills_per_step)
+        Cancelled ones are taken too (the engine finishes them when their prefill returns); a
+        sequence cancelled while still queued is removed by the engine at once.
+        """
         batch = []
-        while self.waiting and len(batch) < room:
-            seq = self.waiting.popleft()
-            if not seq.cancelled:
-                batch.append(seq)
+        while self.waiting and len(batch) < min(room, self.max_prefills_per_step):
+            batch.append(self.waiting.popleft())
         return batch
 
     def join(self, seq: Sequence, row: int) -> None:
@@ -77,9 +75,3 @@ class Scheduler:
             self.running[row] = last
             last.row = row
         seq.row = None
-
-    def drop_cancelled_waiting(self) -> list[Sequence]:
-        dropped = [s for s in self.waiting if s.cancelled]
-        if dropped:
-            self.waiting = deque(s for s in self.waiting if not s.cancelled)
-        return dropped

@@ -11,14 +11,14 @@ CHAT = {"max_tokens": 6, "temperature": 0}
 def _poison(client, marker_token_count: int):
     """Makes prefill fail for prompts of one exact length, as an out-of-memory error would."""
     runner = client.app.state.serving.engine.runner
-    original = runner.prefill
+    original = runner.prefill_forward
 
-    def failing_prefill(prompt_token_ids, slot):
-        if len(prompt_token_ids) == marker_token_count:
+    def failing_prefill(prompts):
+        if any(len(ids) == marker_token_count for ids, _ in prompts):
             raise MemoryError("simulated out of memory")
-        return original(prompt_token_ids, slot)
+        return original(prompts)
 
-    runner.prefill = failing_prefill
+    runner.prefill_forward = failing_prefill
 
 
 def test_a_failing_request_gets_503_and_the_engine_keeps_serving(client, caplog):

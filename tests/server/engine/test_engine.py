@@ -150,7 +150,7 @@ def test_batched_decode_logits_match_solo_in_fp32(engine):
     def run(rows: list[int]) -> list[list[torch.Tensor]]:
         runner = ModelRunner(eng.runner.model, eng.runner.lora, eng.runner.device)
         with registry.lock:
-            logits = [[runner.prefill(prompts[r], slots[r])[0]] for r in rows]
+            logits = [[runner.prefill([(prompts[r], slots[r])])[0][0]] for r in rows]
             for token in follow:
                 step = runner.decode([token] * len(rows), [slots[r] for r in rows])
                 for k in range(len(rows)):
@@ -161,6 +161,29 @@ def test_batched_decode_logits_match_solo_in_fp32(engine):
     for r in range(len(PROMPTS)):
         for alone, together in zip(run([r])[0], batched[r]):
             torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)
+
+
+def test_packed_prefill_equals_each_prompt_alone(engine):
+    """Prompts prefilled end to end in one forward pass (each with its adapter) give the logits and
+    the KV rows each gets alone."""
+    eng, tok = engine
+    registry = eng.registry
+    slots = [0] + [registry.acquire(a) for a in ADAPTERS[1:]]
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    with registry.lock:
+        runner = ModelRunner(eng.runner.model, eng.runner.lora, eng.runner.device)
+        packed = runner.prefill(list(zip(prompts, slots)))
+        assert [row for _, row in packed] == list(range(len(PROMPTS)))
+        for i, (prompt, slot) in enumerate(zip(prompts, slots)):
+            alone = ModelRunner(eng.runner.model, eng.runner.lora, eng.runner.device)
+            logits, _ = alone.prefill([(prompt, slot)])[0]
+            torch.testing.assert_close(packed[i][0], logits, rtol=0, atol=1e-4)
+            n = len(prompt)
+            for layer in range(alone.kv.num_layers):  # both right-aligned at the cursor
+                got = runner.kv.keys[layer][i, :, runner.kv.length - n : runner.kv.length]
+                torch.testing.assert_close(got, alone.kv.keys[layer][0, :, :n], rtol=0, atol=1e-4)
+    for a in ADAPTERS[1:]:
+        registry.release(a)
 
 
 def test_many_rows_and_long_outputs_grow_the_cache(engine64):
