@@ -66,13 +66,15 @@ class _StepClock(BaseStreamer):
         pass
 
 
-def load_peft_model(model_dir: Path, adapter_dirs: dict[str, Path], quantization: str):
-    """The base model (same loader and quantization as the server) with every adapter attached."""
+def load_peft_model(
+    model_dir: Path, adapter_dirs: dict[str, Path], quantization: str, dtype: torch.dtype | None = None
+):
+    """The base model (same loader, quantization and dtype as the server) with every adapter attached."""
     from peft import PeftModel
 
     from adapters.base_model import load_base_model
 
-    base = load_base_model(model_dir, quantization)
+    base = load_base_model(model_dir, quantization, dtype=dtype)
     names = list(adapter_dirs)
     model = PeftModel.from_pretrained(base.model, adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:

@@ -32,8 +32,9 @@ def measure_bandwidth_gbps(buffer_mib: int = 256, repeats: int = 5) -> dict:
     return {"read_gbps": round(max(read), 2), "copy_gbps": round(max(copy), 2), "buffer_mib": buffer_mib}
 
 
-def decode_weight_bytes(model_dir: Path, quantization: str) -> int:
-    """Bytes a batch-1 decode step must read: every decoder linear (quantized) plus the fp32 LM head."""
+def decode_weight_bytes(model_dir: Path, quantization: str, head_bytes_per_weight: int = 4) -> int:
+    """Bytes a batch-1 decode step must read: every decoder linear (quantized) plus the LM head in the
+    compute dtype (``head_bytes_per_weight``: 4 for fp32, 2 for bf16)."""
     c = json.loads((model_dir / "config.json").read_text())
     hidden, inter, layers, vocab = (
         c["hidden_size"],
@@ -45,13 +46,20 @@ def decode_weight_bytes(model_dir: Path, quantization: str) -> int:
     q_out = c["num_attention_heads"] * head_dim
     kv_out = (c.get("num_key_value_heads") or c["num_attention_heads"]) * head_dim
     per_layer = hidden * q_out + 2 * hidden * kv_out + q_out * hidden + 3 * hidden * inter
-    linear_bytes = layers * per_layer * BYTES_PER_WEIGHT[quantization]
-    head_bytes = vocab * hidden * 4  # lm_head (tied to the embedding) stays in the compute dtype
+    per_weight = head_bytes_per_weight if quantization == "none" else BYTES_PER_WEIGHT[quantization]
+    linear_bytes = layers * per_layer * per_weight
+    head_bytes = vocab * hidden * head_bytes_per_weight  # lm_head (tied) stays in the compute dtype
     return int(linear_bytes + head_bytes)
 
 
-def roofline(model_dir: Path, quantization: str, bandwidth_gbps: float, itl_ms_batch1: float | None) -> dict:
-    weight_bytes = decode_weight_bytes(model_dir, quantization)
+def roofline(
+    model_dir: Path,
+    quantization: str,
+    bandwidth_gbps: float,
+    itl_ms_batch1: float | None,
+    head_bytes_per_weight: int = 4,
+) -> dict:
+    weight_bytes = decode_weight_bytes(model_dir, quantization, head_bytes_per_weight)
     floor_ms = weight_bytes / (bandwidth_gbps * 1e9) * 1e3
     return {
         "quantization": quantization,

@@ -1,6 +1,6 @@
 """The benchmark harness (issue 6): systems A–D on one seeded workload, the targets as ratios of one run.
 
-    .venv/bin/python -m benchmarks.run_bench [--quick] [--out results/bench] [--threads 1]
+    .venv/bin/python -m benchmarks.run_bench [--quick] [--out results/bench] [--dtype auto]
 
 (A) our server, base model only; (B) our server with N adapters; (C) naive PEFT, one request at a time;
 (D) PEFT static mixed batches. (A)/(B) go through the real HTTP server on loopback; (C)/(D) run
@@ -38,8 +38,9 @@ class BenchConfig:
 
     out: Path = Path("results/bench")
     quick: bool = False
-    threads: int = 0  # torch threads in the server and the baselines; 0 = torch's default
-    quantization: str = "none"  # the servers' and baselines' --quantization (none = fp32 on the CPU)
+    threads: int = 0  # compute threads in the server and the baselines; 0 = each one's default
+    quantization: str = "nf4"  # the servers' and baselines' --quantization (the server's default)
+    dtype: str = "auto"  # the servers' and baselines' compute dtype (auto: the server's choice)
     concurrency: int = 32
     adapter_counts: tuple[int, ...] = (8, 32, 64)
     closed_loop_requests: int = 128
@@ -60,12 +61,26 @@ class BenchConfig:
             raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
         if self.quantization not in ("none", "nf4", "int8"):
             raise ValueError(f"--quantization must be none, nf4 or int8, got {self.quantization!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The compute dtype every system runs in (what the server picks for ``auto``)."""
+        from adapters.base_model import pick_device, serving_dtype_for
+
+        return serving_dtype_for(pick_device()) if self.dtype == "auto" else getattr(torch, self.dtype)
+
+    def server_flags(self, **extra: object) -> dict:
+        flags: dict = {"quantization": self.quantization, "dtype": self.dtype, **extra}
+        if self.threads:
+            flags["torch-threads"] = self.threads
+        return flags
 
     @classmethod
     def quick_mode(cls, **overrides: object) -> BenchConfig:
         sizes = dict(
             quick=True,
-            threads=1,
             closed_loop_requests=32,
             naive_peft_requests=6,
             static_peft_requests=32,
@@ -123,10 +138,7 @@ def workload(
 # ---------------------------------------------------------------------- the main server run
 def serve_phase(cfg: BenchConfig, model_dir: Path, data_dir: Path, jsonl: Path) -> dict:
     """One server with every adapter resident: A, B at each N, open loop, latency probes."""
-    flags = {
-        "quantization": cfg.quantization,
-        "max-loaded-adapters": max(max(cfg.adapter_counts), 64) + cfg.cold_adapters,
-    }
+    flags = cfg.server_flags(**{"max-loaded-adapters": max(max(cfg.adapter_counts), 64) + cfg.cold_adapters})
     found: dict = {}
     with ServerProcess(data_dir, flags) as server:
         url = server.url
@@ -141,7 +153,12 @@ def serve_phase(cfg: BenchConfig, model_dir: Path, data_dir: Path, jsonl: Path) 
         solo = BenchRequest(-2, tuple(range(2000, 2032)), 48, None)
         found["batch1_itl_ms"] = round(serving_scenarios.batch1_itl_ms(url, solo), 2)
         found["continuous_batching"] = continuous_batching_check(cfg, url, probe)
-        base_config = {"kind": "system", "quantization": cfg.quantization, "threads": cfg.threads}
+        base_config = {
+            "kind": "system",
+            "quantization": cfg.quantization,
+            "dtype": str(cfg.torch_dtype).removeprefix("torch."),
+            "threads": cfg.threads or "default",
+        }
         load = f"closed C={cfg.concurrency}"
         for n in (0, *cfg.adapter_counts):
             label = "A base" if n == 0 else f"B N={n}"
@@ -192,7 +209,7 @@ def continuous_batching_check(cfg: BenchConfig, url: str, probe: BenchRequest) -
 def churn_phase(cfg: BenchConfig, data_dir: Path, jsonl: Path) -> dict:
     """N = 64 adapters through 8 resident slots: eviction churn on the request path."""
     n = max(cfg.adapter_counts)
-    with ServerProcess(data_dir, {"quantization": cfg.quantization, "max-loaded-adapters": 8}) as server:
+    with ServerProcess(data_dir, cfg.server_flags(**{"max-loaded-adapters": 8})) as server:
         result = serving_scenarios.run_closed_loop(
             server.url, workload(cfg, cfg.closed_loop_requests, n), cfg.concurrency
         )
@@ -213,7 +230,7 @@ def peft_phase(cfg: BenchConfig, model_dir: Path, data_dir: Path, jsonl: Path) -
     n = cfg.adapter_counts[0]
     names = [adapter_name(i) for i in range(n)]
     model, _ = peft_baselines.load_peft_model(
-        model_dir, {a: data_dir / "adapters" / a for a in names}, cfg.quantization
+        model_dir, {a: data_dir / "adapters" / a for a in names}, cfg.quantization, cfg.torch_dtype
     )
     found = {}
     requests = workload(cfg, cfg.closed_loop_requests, n)
@@ -285,14 +302,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small request counts (< 10 min on 2 cores)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: 1 with --quick, else torch's)"
+        "--threads", type=int, default=None, help="compute threads (default: each system's own default)"
     )
-    parser.add_argument("--quantization", default="none", help="none (fp32 on CPU) | nf4 | int8")
+    parser.add_argument("--quantization", default="nf4", help="nf4 (the server's default) | int8 | none")
+    parser.add_argument("--dtype", default="auto", help="auto (the server's choice) | float32 | bfloat16")
     parser.add_argument("--no-peft", action="store_true", help="skip the in-process PEFT baselines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    overrides: dict = {"out": args.out, "quantization": args.quantization}
+    overrides: dict = {"out": args.out, "quantization": args.quantization, "dtype": args.dtype}
     if args.threads is not None:
         overrides["threads"] = args.threads
     cfg = BenchConfig.quick_mode(**overrides) if args.quick else BenchConfig(**overrides)
@@ -306,7 +324,13 @@ def main(argv: list[str] | None = None) -> None:
         peft = {} if args.no_peft else peft_phase(cfg, model_dir, data_dir, jsonl)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-    roof = roofline.roofline(model_dir, cfg.quantization, bandwidth["read_gbps"], served["batch1_itl_ms"])
+    roof = roofline.roofline(
+        model_dir,
+        cfg.quantization,
+        bandwidth["read_gbps"],
+        served["batch1_itl_ms"],
+        head_bytes_per_weight=cfg.torch_dtype.itemsize,
+    )
     goals = targets(cfg, served, peft, roof) if peft else []
     extras = {
         "bandwidth": bandwidth,
