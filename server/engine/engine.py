@@ -132,7 +132,13 @@ class LLMEngine:
                 prompt_tokens, request.sampling.max_tokens, self.config.context_length
             )
         seq = Sequence(request, emit, make_generator(request.sampling, self.runner.device))
-        self._inbox.put(("submit", seq))
+        if self._prefill_thread is not None:  # straight to the worker: no wait for the decode step
+            self._by_id[request.request_id] = seq
+            with self._waiting:
+                self.scheduler.add(seq)
+                self._waiting.notify()
+        else:
+            self._inbox.put(("submit", seq))
 
     def cancel(self, request_id: str) -> None:
         """Stops a request (a client went away); its batch row is freed at the next step."""
@@ -187,7 +193,7 @@ class LLMEngine:
                     room = self.scheduler.max_running - len(self.scheduler.running) - self._in_prefill
                     if self.scheduler.waiting and room > 0:
                         break
-                    self._waiting.wait(0.05)  # rows free up without a notification: poll
+                    self._waiting.wait(0.02)  # rows free up without a notification: poll
                 if self._stop.is_set():
                     return
                 seqs = self.scheduler.next_prefills(room)

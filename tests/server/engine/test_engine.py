@@ -21,7 +21,7 @@ PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "lorem ipsum do
 ADAPTERS = [None, "attn-r4", "all-r8", "mlp-r2"]
 
 
-def make_engine(tiny_base_dir, adapter_store_dir, dtype=torch.float32):
+def make_engine(tiny_base_dir, adapter_store_dir, dtype=torch.float32, prefill_worker=False):
     base = load_base_model(tiny_base_dir, "none", "cpu", dtype=dtype)
     lora = BatchedLoRAModel(base.model, dtype)
     registry = AdapterRegistry(AdapterStore(adapter_store_dir), lora, max_loaded=4, max_rank=64)
@@ -29,7 +29,9 @@ def make_engine(tiny_base_dir, adapter_store_dir, dtype=torch.float32):
         ModelRunner(base.model, lora, base.device),
         registry,
         base.tokenizer,
-        EngineConfig(max_running=16, max_prefills_per_step=4, context_length=512),
+        EngineConfig(
+            max_running=16, max_prefills_per_step=4, context_length=512, prefill_worker=prefill_worker
+        ),
         eos_ids_for(base.tokenizer, base.model),
     )
     eng.start()
@@ -39,6 +41,14 @@ def make_engine(tiny_base_dir, adapter_store_dir, dtype=torch.float32):
 @pytest.fixture
 def engine(tiny_base_dir, adapter_store_dir):
     eng, tokenizer = make_engine(tiny_base_dir, adapter_store_dir)
+    yield eng, tokenizer
+    eng.stop()
+
+
+@pytest.fixture
+def engine_worker(tiny_base_dir, adapter_store_dir):
+    """Prefill in the worker thread while the engine thread decodes (the CPU default)."""
+    eng, tokenizer = make_engine(tiny_base_dir, adapter_store_dir, prefill_worker=True)
     yield eng, tokenizer
     eng.stop()
 
@@ -73,7 +83,7 @@ def collect(outputs: queue.Queue, timeout: float = 60.0) -> tuple[int, str, str]
             return out.completion_tokens, text, out.finish_reason
 
 
-@pytest.mark.parametrize("engine_fixture", ["engine", "engine64"])
+@pytest.mark.parametrize("engine_fixture", ["engine", "engine64", "engine_worker"])
 def test_heterogeneous_batch_equals_each_request_alone(engine_fixture, request):
     eng, tok = request.getfixturevalue(engine_fixture)
     solo = [collect(submit(eng, tok, f"solo{i}", p, a)) for i, (p, a) in enumerate(zip(PROMPTS, ADAPTERS))]
@@ -84,8 +94,9 @@ def test_heterogeneous_batch_equals_each_request_alone(engine_fixture, request):
     assert len({s[1] for s in solo}) == len(solo)  # the adapters really change the outputs
 
 
-def test_a_request_joins_a_running_batch_without_waiting_for_it(engine):
-    eng, tok = engine
+@pytest.mark.parametrize("engine_fixture", ["engine", "engine_worker"])
+def test_a_request_joins_a_running_batch_without_waiting_for_it(engine_fixture, request):
+    eng, tok = request.getfixturevalue(engine_fixture)
     long_params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     long_q = submit(eng, tok, "long", "a long one", "all-r8", long_params)
     first = long_q.get(timeout=30)  # the long request is decoding
@@ -97,8 +108,9 @@ def test_a_request_joins_a_running_batch_without_waiting_for_it(engine):
     assert collect(long_q)[2] == "cancelled"
 
 
-def test_cancel_frees_the_batch_row(engine):
-    eng, tok = engine
+@pytest.mark.parametrize("engine_fixture", ["engine", "engine_worker"])
+def test_cancel_frees_the_batch_row(engine_fixture, request):
+    eng, tok = request.getfixturevalue(engine_fixture)
     q = submit(
         eng,
         tok,
@@ -115,6 +127,26 @@ def test_cancel_frees_the_batch_row(engine):
         time.sleep(0.01)
     assert eng.health().running == 0
     assert eng.registry.get("attn-r4").pins == 0  # the pin is released with the row
+
+
+def test_worker_cancels_queued_requests_and_keeps_rows_consistent(engine_worker):
+    """Many requests through the prefill worker, some cancelled while queued or being prefilled: each
+    gets exactly one finish, the rest complete, and no row or pin is left behind."""
+    eng, tok = engine_worker
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    queues = {f"w{i}": submit(eng, tok, f"w{i}", PROMPTS[i % 4], ADAPTERS[i % 4], params) for i in range(24)}
+    for i in range(0, 24, 3):
+        eng.cancel(f"w{i}")
+    reasons = {rid: collect(q)[2] for rid, q in queues.items()}
+    assert all(reasons[f"w{i}"] in ("cancelled", "length") for i in range(0, 24, 3))
+    assert all(reasons[f"w{i}"] == "length" for i in range(24) if i % 3)
+    for q in queues.values():
+        assert q.empty()  # nothing after the finish
+    deadline = time.monotonic() + 5
+    while (eng.health().running or eng.health().waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng.health().running == 0 and eng.health().waiting == 0
+    assert all(eng.registry.get(a).pins == 0 for a in ADAPTERS[1:])
 
 
 def test_stop_strings_and_max_tokens(engine):
