@@ -85,6 +85,7 @@ class LLMEngine:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(config.max_running, config.max_prefills_per_step)
+        runner.kv.reserve_rows(min(config.max_running, 32))  # 32 rows × 64 columns: ~47 MB in bf16
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._by_id: dict[str, Sequence] = {}

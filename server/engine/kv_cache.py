@@ -66,6 +66,11 @@ class BatchKVCache:
             positions[:n] = self.positions[:n]
         self.keys, self.values, self.mask, self.positions = new_keys, new_values, mask, positions
 
+    def reserve_rows(self, rows: int) -> None:
+        """Allocates room for ``rows`` sequences up front, so the batch never regrows (and copies the
+        whole cache) while requests wait for their first token."""
+        self._ensure(rows, self.cols_capacity)
+
     def _ensure(self, rows: int, cols: int) -> None:
         if rows > self.rows_capacity or cols > self.cols_capacity:
             new_rows = self.rows_capacity
