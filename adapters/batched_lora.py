@@ -6,23 +6,22 @@ For a batch whose rows use slots ``s``, the layer computes
 
     y = W x + B[s] (A[s] x)
 
-in one of these ways, chosen once per forward pass from the batch's make-up:
+in one of these ways:
 
-- *single*: every row uses one adapter: two matmuls with the bank's weights in place.
-- *stacked* (few distinct adapters, ``2 × distinct ≤ rows``): the distinct adapters' A and B are
-  gathered once per layer and stacked along the rank, ``h = x A_Uᵀ`` gives every row its projection
-  on every adapter, a one-hot mask keeps each row's own block, and ``h B_U`` adds the deltas. Two big
-  matmuls instead of two per adapter; the copy is ``distinct × r × (in + out)``.
-- *gather* (Punica's BGMV / S-LoRA's MBGMV in plain PyTorch): gather every row's A and B and run two
-  batched matmuls; flat in the number of distinct adapters, copies ``rows × r × (in + out)``.
-- *token ranges* (packed prefill, LoRAX's SGMV idea): prompts run end to end as one row, and each
-  prompt's token range uses its adapter's weights in place.
+- *compiled kernel* (CPU, ``adapters/kernels/bgmv.cpp``, Punica's BGMV): one call per layer; every
+  token reads its own adapter's A and B in place from the bank, at that adapter's rank, with fp32
+  accumulation. Used for decode rows and packed prefill whenever it was built.
+- Otherwise plain PyTorch, chosen once per forward pass from the batch's make-up:
+  *single* (one adapter for all rows: two matmuls on the bank in place); *stacked* (few distinct
+  adapters, ``2 × distinct ≤ rows``: their weights concatenated at their own ranks, ``h = x A_Uᵀ``
+  for every row on every adapter, a mask keeps each row's own block, ``h B_U`` adds the deltas; the
+  concatenation is cached while the batch's adapters stay the same); *gather* (many: every row's A
+  and B gathered, two batched matmuls, flat in the number of distinct adapters).
 
-Measured per linear (576 → 1536, rank 16, bf16, 1 CPU thread): 20 rows over 8 adapters — stacked
-144 µs, gather 279 µs, one matmul pair per adapter 731 µs; 20 rows over 20 adapters — stacked 357 µs,
-gather 299 µs; the base layer itself 253 µs (``/tmp``-free rerun: ``python -m benchmarks.lora_modes``).
-Ranks are padded with zeros to the bank's rank, which adds exact zeros; no custom kernel is needed,
-so CPU and CUDA run the same code.
+Measured on the default model's shapes, bf16, 1 CPU thread, 16 rows over 8 rank-16 adapters, 210
+linears: kernel 11 ms, stacked 54 ms, gather 65 ms, a matmul pair per adapter 161 ms. On CUDA (and
+wherever the kernel could not be built) the PyTorch modes run; the padded ranks of a bank add exact
+zeros there.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from adapters import kernels
 from adapters.lora import LoRAModule, LoRAWeights
 
 _EXCLUDED_MODULES = ("lm_head",)
@@ -63,6 +63,7 @@ class LoRABatchState(threading.local):
         self.unique_slots: frozenset[int] = frozenset()
         self.single_slot = 0
         self.slots: torch.Tensor | None = None  # gather: (B,) slot of each row
+        self.row_slots: torch.Tensor | None = None  # (B,) on the CPU, for the compiled kernel
         self.ranges: list[tuple[int, int, int]] = []  # stacked: (slot, first row, end row)
         self.rows = 0
         self.masks: dict[tuple, torch.Tensor] = {}  # stacked: per (slots, ranks) of a bank
@@ -75,6 +76,8 @@ class LoRABatchState(threading.local):
         self.unique_slots = frozenset(slots) - {0}
         if not self.unique_slots:
             return
+        if device is None or device.type == "cpu":
+            self.row_slots = torch.tensor(slots, dtype=torch.long)
         if len(self.unique_slots) == 1 and 0 not in slots:
             self.mode, self.single_slot = "single", slots[0]
         elif 2 * len(self.unique_slots) <= len(slots) and len(self.unique_slots) <= _MAX_STACKED:
@@ -89,6 +92,11 @@ class LoRABatchState(threading.local):
         """One packed row: its tokens ``start:end`` use ``slot`` for each ``(slot, start, end)``."""
         self.clear()
         self.unique_slots = frozenset(slot for slot, _, _ in ranges) - {0}
+        if device is None or device.type == "cpu":
+            per_token = torch.zeros(max(end for _, _, end in ranges), dtype=torch.long)
+            for slot, start, end in ranges:
+                per_token[start:end] = slot
+            self.row_slots = per_token
         if len(self.unique_slots) == 1 and all(slot for slot, _, _ in ranges):
             self.mode, self.single_slot = "single", ranges[0][0]
         elif self.unique_slots:
@@ -130,6 +138,7 @@ class LoRABank:
         self.lora_B = torch.zeros(1, 0, out_features, dtype=dtype, device=device)  # (S, r, out): Bᵀ
         self.active_slots: set[int] = set()
         self.ranks: dict[int, int] = {}  # slot -> the rank of the adapter it holds
+        self.rank_of = torch.zeros(1, dtype=torch.int32)  # the same per slot, for the compiled kernel
         self.version = 0  # bumped on every change: stacked copies of older versions are stale
 
     @property
@@ -149,7 +158,9 @@ class LoRABank:
         lora_B = self.lora_B.new_zeros(new_slots, new_rank, self.out_features)
         lora_A[: self.num_slots, : self.rank] = self.lora_A
         lora_B[: self.num_slots, : self.rank] = self.lora_B
-        self.lora_A, self.lora_B = lora_A, lora_B
+        rank_of = torch.zeros(new_slots, dtype=torch.int32)
+        rank_of[: self.num_slots] = self.rank_of
+        self.lora_A, self.lora_B, self.rank_of = lora_A, lora_B, rank_of
         self.version += 1
 
     def write(self, slot: int, module: LoRAModule | None) -> None:
@@ -158,10 +169,12 @@ class LoRABank:
         self.lora_B[slot].zero_()
         self.active_slots.discard(slot)
         self.ranks.pop(slot, None)
+        self.rank_of[slot] = 0
         self.version += 1
         if module is None:
             return
         r = self.ranks[slot] = module.rank
+        self.rank_of[slot] = r
         self.lora_A[slot, :r] = module.lora_A.to(self.lora_A)
         self.lora_B[slot, :r] = (module.lora_B.float() * module.scaling).T.to(self.lora_B)
         self.active_slots.add(slot)
@@ -170,11 +183,12 @@ class LoRABank:
 class BatchedLoRALinear(nn.Module):
     """Wraps a base linear layer (plain, NF4 or int8) and adds each row's own adapter delta."""
 
-    def __init__(self, base: nn.Module, bank: LoRABank, state: LoRABatchState):
+    def __init__(self, base: nn.Module, bank: LoRABank, state: LoRABatchState, kernel=None):
         super().__init__()
         self.base = base
         self.bank = bank
         self.state = state
+        self.kernel = kernel  # the compiled CPU op (adapters.kernels.bgmv), or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -182,6 +196,18 @@ class BatchedLoRALinear(nn.Module):
         if not state.unique_slots or bank.active_slots.isdisjoint(state.unique_slots):
             return y
         x2 = x.reshape(-1, x.shape[-1]).to(bank.lora_A.dtype)  # (N, in): every token of every row
+        rows = state.row_slots
+        if (
+            self.kernel is not None
+            and rows is not None
+            and x2.shape[0] == rows.shape[0]
+            and y.dtype == x2.dtype
+        ):
+            y = y.contiguous()  # one token per row (decode): each row's delta from its bank slot in place
+            self.kernel(
+                y.view(-1, y.shape[-1]), x2.contiguous(), bank.lora_A, bank.lora_B, rows, bank.rank_of
+            )
+            return y
         y2 = y.reshape(-1, y.shape[-1])  # (N, out)
         if state.mode == "single":
             h = x2 @ bank.lora_A[state.single_slot].T  # (N, r)
@@ -207,15 +233,17 @@ class BatchedLoRAModel:
     Args:
         model: a causal LM (its ``lm_head`` is left alone).
         dtype: dtype of the adapter banks (the model's compute dtype).
+        use_kernel: decode rows through the compiled CPU kernel when it is available (on the CPU).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, use_kernel: bool = True):
         self.model = model
         self.dtype = dtype
         self.state = LoRABatchState()
         self.banks: dict[str, LoRABank] = {}
         self.linear_shapes: dict[str, tuple[int, int]] = {}
         device = self.device = next(model.parameters()).device
+        self.kernel = kernels.bgmv() if use_kernel and device.type == "cpu" else None
         targets = [
             (name, module)
             for name, module in model.named_modules()
@@ -225,7 +253,7 @@ class BatchedLoRAModel:
             bank = LoRABank(module.in_features, module.out_features, dtype, device)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, BatchedLoRALinear(module, bank, self.state))
+            setattr(parent, child, BatchedLoRALinear(module, bank, self.state, self.kernel))
             self.banks[name] = bank
             self.linear_shapes[name] = (module.in_features, module.out_features)
 

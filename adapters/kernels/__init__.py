@@ -1,0 +1,62 @@
+"""Optional compiled CPU kernels, built once with the system's C++ compiler and cached.
+
+``python -m adapters.kernels`` builds them (``make install`` does); the server loads them at start.
+Where no compiler is available the build fails with a warning and the batched LoRA layers keep their
+plain-PyTorch modes: same results, slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from functools import cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("bgmv.cpp")
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` code depends on: the CPU's feature flags (Linux) or its name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_dir() -> Path:
+    root = Path(os.environ.get("LORAPLEX_KERNEL_DIR", Path.home() / ".cache" / "loraplex" / "kernels"))
+    # -march=native code runs only on CPUs with these features: one build per CPU and torch version
+    cpu = hashlib.sha1(_cpu_signature().encode()).hexdigest()[:12]
+    folder = root / f"torch{torch.__version__.replace('+', '_')}-{cpu}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@cache
+def bgmv():
+    """The compiled ``bgmv_`` op, or None when it cannot be built here (the caller falls back)."""
+    if os.environ.get("LORAPLEX_NO_KERNELS"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(
+            name="loraplex_bgmv",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            build_directory=str(_build_dir()),
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, an exotic platform: fall back
+        logger.warning("compiled LoRA kernel unavailable (%s); using the plain PyTorch path", e)
+        return None
+    return module.bgmv_
