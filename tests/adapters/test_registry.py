@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -98,7 +100,9 @@ def test_compiled_kernel_equals_the_pytorch_modes(registry, tiny_base_dir, tiny_
     from transformers import AutoModelForCausalLM
 
     reg, base = registry
-    assert reg.lora.kernel is not None, "the CPU kernel did not build (is a C++ compiler installed?)"
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the kernel is optional and the PyTorch modes serve")
+    assert reg.lora.kernel is not None, "a C++ compiler is installed but the CPU kernel did not build"
     names = [None, "attn-r4", "all-r8", "attn-r4", None, "all-r8"]
     slots = [reg.acquire(n) if n else 0 for n in names]
     ids = torch.randint(3, 200, (len(names), 1))
