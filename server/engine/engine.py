@@ -208,6 +208,9 @@ class LLMEngine:
                     )
             except Exception as e:  # noqa: BLE001 - handed to the engine thread with the batch
                 error = e
+            except BaseException as e:  # the worker cannot go on: the engine thread fails everyone
+                self._inbox.put(("fatal", e))
+                raise
             self._inbox.put(("prefilled", (seqs, done, error, time.perf_counter() - started)))
 
     def _drain_inbox(self, block: bool) -> None:
@@ -224,6 +227,8 @@ class LLMEngine:
                     self._waiting.notify()
             elif kind == "prefilled":
                 self._prefilled.append(payload)
+            elif kind == "fatal":  # the prefill worker died
+                raise RuntimeError("the prefill worker died") from payload
             elif kind == "cancel":
                 seq = self._by_id.get(payload)
                 if seq is not None:

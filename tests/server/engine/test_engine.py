@@ -149,6 +149,25 @@ def test_worker_cancels_queued_requests_and_keeps_rows_consistent(engine_worker)
     assert all(eng.registry.get(a).pins == 0 for a in ADAPTERS[1:])
 
 
+def test_a_dying_prefill_worker_fails_every_request_instead_of_hanging(engine_worker):
+    eng, tok = engine_worker
+
+    class WorkerKilled(BaseException):
+        pass
+
+    def dying(prompts):
+        raise WorkerKilled()
+
+    eng.runner.prefill_forward = dying
+    outputs = submit(eng, tok, "doomed", "hello", None)
+    out = outputs.get(timeout=10)
+    assert out.finished and out.finish_reason == "error"
+    deadline = time.monotonic() + 5
+    while eng.health().alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not eng.health().alive  # /ready turns unready; the server restarts it
+
+
 def test_stop_strings_and_max_tokens(engine):
     eng, tok = engine
     count, text, reason = collect(
