@@ -76,15 +76,15 @@ class LoRABatchState(threading.local):
         self.unique_slots = frozenset(slots) - {0}
         if not self.unique_slots:
             return
+        slot_tensor = torch.tensor(slots, dtype=torch.long, device=device)
         if device is None or device.type == "cpu":
-            self.row_slots = torch.tensor(slots, dtype=torch.long)
+            self.row_slots = slot_tensor
         if len(self.unique_slots) == 1 and 0 not in slots:
             self.mode, self.single_slot = "single", slots[0]
         elif 2 * len(self.unique_slots) <= len(slots) and len(self.unique_slots) <= _MAX_STACKED:
             self._stacked([(slot, row, row + 1) for row, slot in enumerate(slots)], len(slots), device, dtype)
         else:
-            self.mode = "gather"
-            self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+            self.mode, self.slots = "gather", slot_tensor
 
     def set_token_ranges(
         self, ranges: list[tuple[int, int, int]], device: torch.device | None, dtype: torch.dtype

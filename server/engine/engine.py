@@ -199,19 +199,13 @@ class LLMEngine:
                     return
                 seqs = self.scheduler.next_prefills(room)
                 self._in_prefill += len(seqs)
-            started = time.perf_counter()
-            done, error = None, None
             try:
                 with self.registry.lock.shared():
-                    done = self.runner.prefill_forward(
-                        [(s.request.prompt_token_ids, s.request.adapter_slot) for s in seqs]
-                    )
-            except Exception as e:  # noqa: BLE001 - handed to the engine thread with the batch
-                error = e
+                    result = self._prefill_forward(seqs)
             except BaseException as e:  # the worker cannot go on: the engine thread fails everyone
                 self._inbox.put(("fatal", e))
                 raise
-            self._inbox.put(("prefilled", (seqs, done, error, time.perf_counter() - started)))
+            self._inbox.put(("prefilled", (seqs, *result)))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -277,15 +271,21 @@ class LLMEngine:
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefills ``seqs`` packed in one forward pass in this thread; they join the batch."""
+        self._prefill_returned(seqs, *self._prefill_forward(seqs))
+
+    def _prefill_forward(
+        self, seqs: list[Sequence]
+    ) -> tuple[list[Prefilled] | None, Exception | None, float]:
+        """The packed forward pass of ``seqs`` (either thread): its results or its error, and its time."""
         started = time.perf_counter()
         done, error = None, None
         try:
             done = self.runner.prefill_forward(
                 [(s.request.prompt_token_ids, s.request.adapter_slot) for s in seqs]
             )
-        except Exception as e:  # noqa: BLE001 - fail the request at fault only
+        except Exception as e:  # noqa: BLE001 - the engine thread fails the request at fault only
             error = e
-        self._prefill_returned(seqs, done, error, time.perf_counter() - started)
+        return done, error, time.perf_counter() - started
 
     def _prefill_returned(
         self, seqs: list[Sequence], done: list[Prefilled] | None, error: BaseException | None, seconds: float

@@ -37,8 +37,8 @@ class Scheduler:
 
     Args:
         max_running: the most sequences decoded together (the batch size cap).
-        max_prefills_per_step: how many waiting sequences are prefilled before each decode step, which
-            bounds how long a decode step of the running batch can be delayed by arrivals.
+        max_prefills_per_step: how many waiting sequences are packed into one prefill forward pass
+            (before a decode step, or in the prefill worker while the engine thread decodes).
     """
 
     def __init__(self, max_running: int, max_prefills_per_step: int):
