@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from adapters.errors import AdapterInvalid
+from adapters.safe_files import UnsafeFile, check_regular_file, read_json_object
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE
 
 # PEFT saves keys as "base_model.model.<module>.lora_A.weight" (the adapter name stripped).
@@ -26,6 +27,11 @@ _UNSUPPORTED_CONFIG = {
     "modules_to_save": "adapters with modules_to_save (full extra layers) are not supported",
     "layers_to_transform": None,  # handled through the weights actually present
 }
+# Value bounds (README "Adapters"): an adapter inside them cannot overflow the serving dtypes by itself.
+MAX_LORA_SCALING = 256.0  # |lora_alpha / r| (or / sqrt(r) with rsLoRA) of any module
+MAX_DELTA_NORM = 1e4  # |scaling| · ‖B‖_F · ‖A‖_F, an upper bound of ‖ΔW‖_F, of any module
+MAX_PATTERN_KEYS = 1024  # entries of rank_pattern / alpha_pattern
+MAX_PATTERN_KEY_CHARS = 256  # one pattern (a regular expression over module names)
 
 
 @dataclass(frozen=True)
@@ -65,31 +71,100 @@ class LoRAWeights:
 
 
 def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module name."""
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module name.
+
+    The keys were compiled once by :func:`_check_pattern`, so a bad expression never gets here.
+    """
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_pattern(config: dict, key: str, is_valid, expected: str, problems: list[str]) -> None:
+    """``rank_pattern``/``alpha_pattern``: a mapping of module-name expressions to valid values."""
+    patterns = config.get(key)
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        problems.append(
+            f"{key} must be an object mapping module patterns to values, got {type(patterns).__name__}"
+        )
+        return
+    if len(patterns) > MAX_PATTERN_KEYS:
+        problems.append(f"{key} has {len(patterns)} entries; the limit is {MAX_PATTERN_KEYS}")
+        return
+    for pattern, value in patterns.items():
+        if len(pattern) > MAX_PATTERN_KEY_CHARS:
+            problems.append(f"{key}: a pattern is longer than {MAX_PATTERN_KEY_CHARS} characters")
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            problems.append(f"{key}: {pattern[:64]!r} is not a valid regular expression ({e})")
+            continue
+        if not is_valid(value):
+            problems.append(f"{key}[{pattern[:64]!r}] must be {expected}, got {value!r}"[:300])
+
+
 def _check_config(config: dict, max_rank: int, problems: list[str]) -> None:
     if str(config.get("peft_type", "")).upper() != "LORA":
-        problems.append(f"peft_type must be LORA, got {config.get('peft_type')!r}")
+        problems.append(f"peft_type must be LORA, got {str(config.get('peft_type'))[:64]!r}")
     for key, reason in _UNSUPPORTED_CONFIG.items():
         if reason and config.get(key):
             problems.append(reason)
     rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        problems.append(f"r must be a positive integer, got {rank!r}")
+    if not _is_int(rank) or rank < 1:
+        problems.append(f"r must be a positive integer, got {str(rank)[:64]!r}")
     elif rank > max_rank:
         problems.append(f"rank {rank} exceeds the server's maximum rank {max_rank}")
     alpha = config.get("lora_alpha")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
+    if not _is_number(alpha):
+        problems.append(f"lora_alpha must be a finite number, got {str(alpha)[:64]!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if config.get(key) is not None and not isinstance(config.get(key), bool):
+            problems.append(f"{key} must be true or false, got {str(config.get(key))[:64]!r}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout <= 1):
+        problems.append(f"lora_dropout must be a number in [0, 1], got {str(dropout)[:64]!r}")
+    _check_pattern(
+        config,
+        "rank_pattern",
+        lambda v: _is_int(v) and 1 <= v <= max_rank,
+        f"an integer in [1, {max_rank}]",
+        problems,
+    )
+    _check_pattern(config, "alpha_pattern", _is_number, "a finite number", problems)
     if config.get("fan_in_fan_out"):
         problems.append("fan_in_fan_out adapters (Conv1D bases) are not supported")
     if config.get("bias", "none") not in ("none", None):
         problems.append("adapters that train biases (bias != 'none') are not supported")
+
+
+def module_problem(module: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> str | None:
+    """Why one module's weights cannot be served (non-finite, or a delta beyond the bounds), or None.
+
+    Shared by loading and merging, so a merge can never install what loading would refuse.
+    """
+    if not math.isfinite(scaling) or abs(scaling) > MAX_LORA_SCALING:
+        return f"{module}: scaling {scaling:.4g} is outside [-{MAX_LORA_SCALING:g}, {MAX_LORA_SCALING:g}]"
+    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+        return f"{module}: weights contain NaN or infinity"
+    bound = abs(scaling) * float(lora_B.float().norm()) * float(lora_A.float().norm())
+    if not math.isfinite(bound) or bound > MAX_DELTA_NORM:
+        return (
+            f"{module}: the update is too large (|scaling|·‖B‖·‖A‖ = {bound:.4g}, "
+            f"the limit is {MAX_DELTA_NORM:g})"
+        )
+    return None
 
 
 def load_lora_weights(
@@ -115,14 +190,15 @@ def load_lora_weights(
 
     problems: list[str] = []
     weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
+    if not weights_path.exists() and not weights_path.is_symlink():
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise AdapterInvalid(name, ["pickle weight files (.bin/.pt) are refused; save with safetensors"])
         raise AdapterInvalid(name, [f"{WEIGHTS_FILE} is missing"])
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
+        check_regular_file(weights_path)
+        config = read_json_object(folder / CONFIG_FILE)
+    except UnsafeFile as e:
+        raise AdapterInvalid(name, [str(e)]) from e
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise AdapterInvalid(name, [f"{CONFIG_FILE} is not a valid JSON object ({e})"]) from e
     _check_config(config, max_rank, problems)
@@ -168,11 +244,12 @@ def load_lora_weights(
         if rank > max_rank:
             problems.append(f"{module}: rank {rank} exceeds the server's maximum rank {max_rank}")
             continue
-        if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-            problems.append(f"{module}: weights contain NaN or infinity")
-            continue
         alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        problem = module_problem(module, lora_A, lora_B, scaling)
+        if problem is not None:
+            problems.append(problem)
+            continue
         modules[module] = LoRAModule(lora_A.to(dtype), lora_B.to(dtype), scaling)
     if problems:
         raise AdapterInvalid(name, problems)

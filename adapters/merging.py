@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.errors import MergeSpecInvalid
-from adapters.lora import LoRAModule, LoRAWeights
+from adapters.lora import LoRAModule, LoRAWeights, module_problem
 from adapters.store import MERGED_PREFIX as MERGED_NAME_PREFIX
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune", "svd")
@@ -53,6 +53,8 @@ SIGN_METHODS = frozenset({"ties", "dare_ties"})
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 _KEY_VERSION = 1  # bump when the math changes, so that no cache or seed outlives it
 _MAX_LISTED = 3  # modules named in an incompatibility error
+MAX_MERGE_WEIGHT = 100.0  # largest weight of one part (README "Merging adapters per request")
+MIN_DENSITY = 1e-3  # dare_* rescale kept values by 1/density: smaller densities blow them up
 
 
 # --------------------------------------------------------------------------------------------- spec
@@ -102,9 +104,9 @@ class MergeSpec:
     """What to merge and how; validated on construction (every error names its request field).
 
     Attributes:
-        parts: ``(adapter name, weight)`` pairs; weights are finite and ``>= 0``, names unique.
+        parts: ``(adapter name, weight)`` pairs; weights finite in ``[0, MAX_MERGE_WEIGHT]``, names unique.
         method: one of :data:`METHODS` (PEFT's ``combination_type`` names).
-        density: fraction of values kept, in ``(0, 1]``; required by :data:`DENSITY_METHODS`.
+        density: fraction of values kept, in ``[MIN_DENSITY, 1]``; required by :data:`DENSITY_METHODS`.
         majority_sign_method: ``total`` or ``frequency``; used by :data:`SIGN_METHODS`.
         fields: where the spec came from in the request (not part of equality or the cache key).
     """
@@ -141,7 +143,7 @@ class MergeSpec:
             object.__setattr__(self, "density", _check_density(self.density, fields.density))
         elif self.method in DENSITY_METHODS:
             raise MergeSpecInvalid(
-                fields.density, f"is required by method '{self.method}' (a value in (0, 1])"
+                fields.density, f"is required by method '{self.method}' (a value in [{MIN_DENSITY:g}, 1])"
             )
         if self.majority_sign_method not in MAJORITY_SIGN_METHODS:
             raise MergeSpecInvalid(
@@ -241,14 +243,16 @@ def _check_weight(weight: object, param: str) -> float:
         raise MergeSpecInvalid(param, "must be finite", weight)
     if weight < 0:
         raise MergeSpecInvalid(param, "must be >= 0", weight)
+    if weight > MAX_MERGE_WEIGHT:
+        raise MergeSpecInvalid(param, f"must be at most {MAX_MERGE_WEIGHT:g}", weight)
     return float(weight) + 0.0  # + 0.0 turns -0.0 into 0.0, so both hash alike
 
 
 def _check_density(density: object, param: str) -> float:
     if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise MergeSpecInvalid(param, "must be a number in (0, 1]", density)
-    if not (math.isfinite(density) and 0 < density <= 1):
-        raise MergeSpecInvalid(param, "must be in (0, 1]", density)
+        raise MergeSpecInvalid(param, f"must be a number in [{MIN_DENSITY:g}, 1]", density)
+    if not (math.isfinite(density) and MIN_DENSITY <= density <= 1):
+        raise MergeSpecInvalid(param, f"must be in [{MIN_DENSITY:g}, 1]", density)
     return float(density)
 
 
@@ -590,13 +594,20 @@ def merge_lora(
     first = next(iter(ordered[0][0].modules.values()))
     dtype, device = first.lora_A.dtype, first.lora_A.device
     modules: dict[str, LoRAModule] = {}
+    problems: list[str] = []
     for module_name, contributions in per_module.items():
         lora_A, lora_B = strategy.merge_module(contributions, module_generator(key, module_name))
-        modules[module_name] = LoRAModule(
-            lora_A.to(device=device, dtype=dtype).contiguous(),
-            lora_B.to(device=device, dtype=dtype).contiguous(),
-            scaling=1.0,
+        lora_A = lora_A.to(device=device, dtype=dtype).contiguous()
+        lora_B = lora_B.to(device=device, dtype=dtype).contiguous()
+        problem = module_problem(module_name, lora_A, lora_B, 1.0)  # the bounds loading applies
+        if problem is not None:
+            problems.append(problem)
+        modules[module_name] = LoRAModule(lora_A, lora_B, scaling=1.0)
+    if problems:
+        listed = "; ".join(problems[:_MAX_LISTED]) + (
+            f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         )
+        raise MergeSpecInvalid(spec.fields.parts, f"the merged adapter cannot be served: {listed}")
     return LoRAWeights(name=name, modules=modules, config=_merged_config(ordered[0][0].config, modules))
 
 

@@ -8,7 +8,6 @@ renamed into place), so a half-written adapter is never servable.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.errors import AdapterExists, AdapterNameInvalid, AdapterNotFound
+from adapters.safe_files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +95,17 @@ class AdapterStore:
     def read_config(self, name: str) -> dict:
         path = self.require(name) / CONFIG_FILE
         try:
-            config = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
-        if not isinstance(config, dict):
-            raise ValueError(f"{CONFIG_FILE} must hold a JSON object")
-        return config
+            return read_json_object(path)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{CONFIG_FILE} is not a valid JSON object: {e}") from e
 
     def read_card(self, name: str) -> dict | None:
         path = self.require(name) / CARD_FILE
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return read_json_object(path)
+        except (OSError, UnicodeDecodeError, ValueError):
             logger.warning("adapter %s has an unreadable %s", name, CARD_FILE)
             return None
 
@@ -118,7 +115,7 @@ class AdapterStore:
             config = self.read_config(name)
         except ValueError:
             config = {}
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        size = sum(f.lstat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink())
         return AdapterInfo(
             name=name,
             rank=config.get("r"),
