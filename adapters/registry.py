@@ -2,7 +2,10 @@
 
 At most ``max_loaded`` adapters hold a slot. Loading one more evicts the least recently used adapter
 that no request is using; an adapter with requests in flight (``pins > 0``) is never evicted or
-unloaded under them. Two locks: ``lock`` guards the banks (forward passes hold it shared, so banks
+unloaded under them. Requests pin through :meth:`AdapterRegistry.lease` only (see
+``adapters/lease.py``). A computed merge remembers its parts: :meth:`AdapterRegistry.forget` of a part
+drops every merge built from it, and a merge computed while one of its parts changed is not cached.
+Two locks: ``lock`` guards the banks (forward passes hold it shared, so banks
 never change under a running batch; writing a loaded adapter's weights and clearing an evicted one
 hold it exclusively), and a table lock guards names, slots and pins for a few microseconds at a time, so a
 request for a resident adapter never waits for a forward pass. When both are taken, ``lock`` comes
@@ -21,10 +24,23 @@ from dataclasses import dataclass, field
 from adapters.bank_lock import BankLock
 from adapters.batched_lora import BatchedLoRAModel
 from adapters.errors import AdapterBusy
+from adapters.lease import AdapterChoice, AdapterLease
 from adapters.lora import LoRAWeights, load_lora_weights
+from adapters.merging import merge_lora
 from adapters.store import AdapterStore
 
 logger = logging.getLogger(__name__)
+
+
+class AdapterChanged(RuntimeError):
+    """A merge's part kept changing on disk while the merge was computed; the request may be retried."""
+
+    code = "adapter_changed"
+    param = "adapter"
+    http_status = 503
+
+    def __init__(self, name: str):
+        super().__init__(f"The parts of '{name}' changed while it was computed; retry the request.")
 
 
 class AdapterInUse(ValueError):
@@ -81,6 +97,7 @@ class AdapterRegistry:
         self.stats = RegistryStats()
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU order: oldest first
         self._free_slots = list(range(max_loaded, 0, -1))  # slot 0 is the base model
+        self._versions: dict[str, int] = {}  # name -> times forgotten (a merge checks its parts' against it)
         self._name_locks: dict[str, threading.Lock] = {}
         self._name_locks_guard = threading.Lock()
         lora.reserve_slots(max_loaded + 1)
@@ -98,27 +115,34 @@ class AdapterRegistry:
         with self._table:
             return name in self._resident
 
+    def merge_parts(self, name: str) -> tuple[str, ...] | None:
+        """The parts of a resident computed merge, or None if ``name`` is not one."""
+        with self._table:
+            resident = self._resident.get(name)
+            return resident.parts if resident is not None and resident.origin == "merge" else None
+
     # ----------------------------------------------------------------- lifecycle
-    def acquire(self, name: str) -> int:
-        """Makes ``name`` resident (loading it from the store if needed), pins it and returns its slot."""
-        return self._ensure(name, pin=True, loader=lambda: self._read_from_store(name)).slot
+    def lease(self, choice: AdapterChoice, holders: int = 1) -> AdapterLease:
+        """Makes ``choice`` resident (loading, or computing a merge once) and pins it for ``holders``.
+
+        While a merge is computed only its own name is locked: requests on other adapters carry on.
+
+        Raises:
+            AdapterNotFound, AdapterInvalid, MergeSpecInvalid: the choice cannot be served.
+            AdapterBusy: every slot is pinned by requests in flight.
+        """
+        if choice.name is None:
+            return AdapterLease.base(holders)
+        name = choice.name
+        if choice.spec is None:
+            resident = self._ensure(name, pin=True, loader=lambda: self._read_from_store(name))
+        else:
+            resident = self._ensure_merge(choice)
+        return AdapterLease(name, resident.slot, holders, lambda: self._unpin(name))
 
     def load(self, name: str) -> ResidentAdapter:
         """Makes ``name`` resident without pinning it (the admin API's load)."""
         return self._ensure(name, pin=False, loader=lambda: self._read_from_store(name))
-
-    def acquire_computed(
-        self,
-        name: str,
-        compute: Callable[[], LoRAWeights],
-        spec: dict | None = None,
-        parts: tuple[str, ...] = (),
-    ) -> int:
-        """Like :meth:`acquire` for an adapter computed in memory (a merge), computed at most once.
-
-        While it is computed only its own name is locked: requests on other adapters carry on.
-        """
-        return self._ensure(name, pin=True, loader=compute, origin="merge", spec=spec, parts=parts).slot
 
     def read_weights(self, name: str) -> LoRAWeights:
         """An adapter's weights, from its resident copy or (validated) from the store, without loading it."""
@@ -128,11 +152,10 @@ class AdapterRegistry:
                 return resident.weights
         return self._read_from_store(name)
 
-    def release(self, name: str) -> None:
-        with self._table:
-            resident = self._resident.get(name)
-            if resident is not None and resident.pins > 0:
-                resident.pins -= 1
+    def merged_weights(self, choice: AdapterChoice, name: str) -> LoRAWeights:
+        """The weights of merge ``choice`` under ``name``, computed from the parts, not made resident."""
+        parts = [self.read_weights(part) for part in choice.parts]
+        return merge_lora(choice.spec, parts, name, max_rank=self.max_rank)
 
     def unload(self, name: str) -> bool:
         """Frees the slot of ``name``; False if it was not resident."""
@@ -146,8 +169,13 @@ class AdapterRegistry:
             return True
 
     def forget(self, name: str) -> None:
-        """Drops a resident copy whose files changed on disk (upload or delete), and merges made from it."""
+        """Drops a resident copy whose files changed on disk (upload or delete), and merges made from it.
+
+        A merge being computed from ``name`` right now is not cached when it completes (its parts'
+        versions changed), so no merge outlives the weights it was made from.
+        """
         with self._name_lock(name), self.lock, self._table:
+            self._versions[name] = self._versions.get(name, 0) + 1
             stale = [r for r in self._resident.values() if r.name == name or name in r.parts]
             busy = [r for r in stale if r.pins]
             if busy:
@@ -156,6 +184,32 @@ class AdapterRegistry:
                 self._drop(resident)
 
     # ----------------------------------------------------------------- internals
+    def _unpin(self, name: str) -> None:
+        with self._table:
+            resident = self._resident.get(name)
+            if resident is None or resident.pins == 0:  # a bug: a lease outlived its pin
+                raise RuntimeError(f"unpin of {name!r}, which holds no pin")
+            resident.pins -= 1
+
+    def _ensure_merge(self, choice: AdapterChoice) -> ResidentAdapter:
+        """Pins a cached merge, or computes it from the parts' current weights and caches it."""
+        name = choice.name
+        for _ in range(3):  # a part re-uploaded during the computation: compute again
+            with self._table:
+                versions = {part: self._versions.get(part, 0) for part in choice.parts}
+            resident = self._ensure(
+                name,
+                pin=True,
+                loader=lambda: self.merged_weights(choice, name),
+                origin="merge",
+                spec=choice.spec.to_dict(),
+                parts=choice.parts,
+                versions=versions,
+            )
+            if resident is not None:
+                return resident
+        raise AdapterChanged(name)
+
     def _read_from_store(self, name: str) -> LoRAWeights:
         folder = self.store.require(name)
         return load_lora_weights(name, folder, self.lora.linear_shapes, self.max_rank, dtype=self.lora.dtype)
@@ -168,7 +222,9 @@ class AdapterRegistry:
         origin: str = "store",
         spec: dict | None = None,
         parts: tuple[str, ...] = (),
-    ) -> ResidentAdapter:
+        versions: dict[str, int] | None = None,
+    ) -> ResidentAdapter | None:
+        """Returns the pinned (if ``pin``) resident entry; None if ``versions`` went stale meanwhile."""
         with self._table:  # the warm path: no name lock, no bank lock
             resident = self._hit(name, pin)
             if resident is not None:
@@ -181,11 +237,13 @@ class AdapterRegistry:
             started = time.perf_counter()
             weights = loader()  # disk read + validation, outside both locks
             with self.lock, self._table:
+                if versions and any(self._versions.get(p, 0) != v for p, v in versions.items()):
+                    return None  # a part changed while we computed: these weights are stale
                 slot = self._take_slot()
                 self.lora.install(slot, weights)
                 elapsed = time.perf_counter() - started
                 resident = ResidentAdapter(
-                    name, slot, weights, elapsed, pins=int(pin), origin=origin, spec=spec
+                    name, slot, weights, elapsed, pins=int(pin), origin=origin, spec=spec, parts=parts
                 )
                 self._resident[name] = resident
                 self.stats.loads += 1
