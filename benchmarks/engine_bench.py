@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from adapters.base_model import resolve_base_model
+from adapters.lease import AdapterChoice
 from benchmarks.adapter_factory import adapter_mix, write_random_adapter
 from benchmarks.workload import WorkloadSpec, adapter_name, make_workload
 from server.app import build_state
@@ -40,9 +41,8 @@ def run_closed_loop(state, requests, concurrency: int) -> dict:
     def submit_next() -> None:
         req = pending.pop()
         params = SamplingParams(max_tokens=req.output_tokens, temperature=0.0, ignore_eos=True)
-        request = GenerationRequest(uuid.uuid4().hex, list(req.prompt_token_ids), params, req.adapter)
-        if req.adapter:
-            request.adapter_slot = registry.acquire(req.adapter)
+        lease = registry.lease(AdapterChoice(req.adapter or None))  # released by the engine
+        request = GenerationRequest(uuid.uuid4().hex, list(req.prompt_token_ids), params, lease)
         in_flight[request.request_id] = time.perf_counter()
         engine.submit(request, outputs.put)
 
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             settings_kwargs["max_prefills_per_step"] = args.max_prefills_per_step
         state = build_state(Settings(**settings_kwargs))
         for i in range(args.adapters):  # resident before timing: this measures serving, not loading
-            state.registry.acquire(adapter_name(i))
-            state.registry.release(adapter_name(i))
+            state.registry.load(adapter_name(i))
         state.engine.start()
         try:
             warm = make_workload(WorkloadSpec(4, args.adapters, seed=args.seed + 1))

@@ -12,6 +12,7 @@ races a write may rank a chunk that was just deleted; such ids are dropped when 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -99,6 +100,29 @@ class _Prepared:
 
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _open_only(method):
+    """Runs a public method of an open collection; one closed (deleted) meanwhile is not found.
+
+    Deleting a collection closes its SQLite store while a search or ingest may be running in another
+    thread; whatever that raises then ("Cannot operate on a closed database", …) means the
+    collection is gone, which is :class:`CollectionNotFound` (a 404), never a 500.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._check_open()
+        try:
+            return method(self, *args, **kwargs)
+        except CollectionNotFound:
+            raise
+        except Exception as e:
+            if self._closed:
+                raise CollectionNotFound(self.name) from e
+            raise
+
+    return wrapper
 
 
 class Collection:
@@ -195,6 +219,7 @@ class Collection:
 
     # -- writes -----------------------------------------------------------------------------------------
 
+    @_open_only
     def ingest(self, documents: list[DocumentInput]) -> list[IngestResult]:
         """Adds or replaces documents; all of them or none.
 
@@ -264,6 +289,7 @@ class Collection:
         index.save(self.index_path)
         self._vectors = index
 
+    @_open_only
     def delete_document(self, document_id: str) -> None:
         """Deletes a document, its chunks and their vectors.
 
@@ -280,10 +306,12 @@ class Collection:
 
     # -- reads ------------------------------------------------------------------------------------------
 
+    @_open_only
     def list_documents(self, limit: int = 100, offset: int = 0) -> list[DocumentRecord]:
         self._check_open()
         return self._store.list_documents(limit, offset)
 
+    @_open_only
     def get_document(self, document_id: str) -> DocumentRecord:
         self._check_open()
         record = self._store.get_document(document_id)
@@ -291,6 +319,7 @@ class Collection:
             raise DocumentNotFound(self.name, document_id)
         return record
 
+    @_open_only
     def search(
         self, query: str, top_k: int = 5, mode: str = DEFAULT_MODE, filter: dict | None = None
     ) -> list[Passage]:
@@ -322,6 +351,7 @@ class Collection:
             if (c := records.get(r.chunk_id)) is not None
         ]
 
+    @_open_only
     def info(self) -> CollectionInfo:
         self._check_open()
         documents, chunks = self._store.counts()

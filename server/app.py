@@ -18,7 +18,7 @@ from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from rag.collections import CollectionManager
 from server.api import routes_adapters, routes_health, routes_openai, routes_rag
-from server.api.auth import Caller, KeyRing
+from server.api.auth import Admin, KeyRing
 from server.api.deps import ServingState
 from server.api.errors import install_error_handlers
 from server.api.limits import RequestLimitsMiddleware
@@ -113,7 +113,8 @@ def create_app(settings: Settings, on_fatal=None) -> FastAPI:
     app.include_router(routes_rag.router)
 
     @app.get("/metrics", tags=["health"])
-    def metrics(request: Request, _: Caller) -> Response:
+    def metrics(request: Request, _: Admin) -> Response:
+        """Prometheus metrics; they name every tenant's adapters, so with keys they need an admin key."""
         state = request.app.state.serving
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

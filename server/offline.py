@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import uuid
 
+from adapters.lease import AdapterChoice
 from server.api.convert import render_chat
 from server.app import build_state
 from server.config import Settings
@@ -35,9 +36,9 @@ class InProcessGenerator:
         ids = []
         for messages in batch:
             prompt_ids = render_chat(self.state, messages)  # exactly as the HTTP API renders chats
-            request = GenerationRequest(uuid.uuid4().hex, prompt_ids, params, adapter)
-            if adapter:
-                request.adapter_slot = registry.acquire(adapter)  # released by the engine when done
+            # the engine releases the lease when the request finishes (or if it refuses it)
+            lease = registry.lease(AdapterChoice(adapter or None))
+            request = GenerationRequest(uuid.uuid4().hex, prompt_ids, params, lease)
             engine.submit(request, outputs.put)
             ids.append(request.request_id)
         texts = dict.fromkeys(ids, "")

@@ -159,3 +159,12 @@ def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Pr
 
 Caller = Annotated[Principal, Depends(get_principal)]
 Admin = Annotated[Principal, Depends(require_admin)]
+
+
+def may_see_adapter(state, principal: Principal, name: str) -> bool:
+    """Whether ``principal`` may see resident or stored adapter ``name``: a computed merge only if it
+    may use every part (a merge's name is derived from an open spec hash, so it proves nothing)."""
+    parts = state.registry.merge_parts(name)
+    if parts is not None:
+        return all(principal.may_use_adapter(part) for part in parts)
+    return principal.may_use_adapter(name)

@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass, replace
 
 from adapters.errors import AdapterNotFound
+from adapters.lease import AdapterChoice
 from adapters.merging import MergeSpec, merged_name
 from adapters.store import MERGED_PREFIX, check_adapter_name
 from server.api.auth import Principal
@@ -15,29 +16,23 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest, Sampli
 from server.api.request_context import request_id_var
 from server.engine.types import ContextLengthExceeded, GenerationRequest, SamplingParams
 
+SEED_MODULUS = 1 << 64  # torch generators take 64-bit seeds; choice i of n runs on seed + i (mod 2⁶⁴)
+
 
 @dataclass
 class PreparedRequest:
-    """A validated request: its id, adapter, and one GenerationRequest per choice (``n``)."""
+    """A validated request: its id, adapter choice, and one GenerationRequest per choice (``n``)."""
 
     request_id: str
-    adapter: str | None  # the resident name: a stored adapter or merge-<hash>
+    choice: AdapterChoice  # what the generations run on; leased when they are submitted
     model_name: str
     generations: list[GenerationRequest]  # prompt p, choice i at index p * n + i
     n: int = 1
-    merge: AdapterChoice | None = None  # set when the adapter is a per-request merge
-
-
-@dataclass
-class AdapterChoice:
-    """The adapter a request runs on: a stored adapter, a (cached) merge, or None for the base."""
-
-    name: str | None
-    spec: MergeSpec | None = None
 
     @property
-    def parts(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.spec.parts) if self.spec else ()
+    def adapter(self) -> str | None:
+        """The resident name: a stored adapter or merge-<hash> (None: the base model)."""
+        return self.choice.name
 
 
 def resolve_adapter(state: ServingState, body: SamplingFields, principal: Principal) -> AdapterChoice:
@@ -66,13 +61,20 @@ def resolve_adapter(state: ServingState, body: SamplingFields, principal: Princi
         name, param = model, "model"
     else:
         return AdapterChoice(None)
-    cached_merge = state.registry.get(name) if name.startswith(MERGED_PREFIX) else None
-    if cached_merge is not None and cached_merge.origin == "merge":
-        for part in cached_merge.parts:
-            _check_visible(state, part, principal, param)
-        return AdapterChoice(name, MergeSpec.from_request(cached_merge.spec))
+    if name.startswith(MERGED_PREFIX):
+        return _cached_merge(state, name, principal, param)
     _check_visible(state, name, principal, param)
     return AdapterChoice(name)
+
+
+def _cached_merge(state: ServingState, name: str, principal: Principal, param: str) -> AdapterChoice:
+    """A merge named by its ``merge-<hash>`` name: visible only while cached and if every part is."""
+    resident = state.registry.get(name)
+    if resident is None or resident.origin != "merge" or not resident.parts:
+        raise _not_found(name, param)
+    if not all(principal.may_use_adapter(part) for part in resident.parts):
+        raise _not_found(name, param)
+    return AdapterChoice(name, MergeSpec.from_request(resident.spec))
 
 
 def _merge_spec(state: ServingState, body: SamplingFields) -> MergeSpec | None:
@@ -166,7 +168,6 @@ def prepare(
         if len(ids) + params.max_tokens > state.context_length:
             raise ContextLengthExceeded(len(ids), params.max_tokens, state.context_length)
     selected = resolve_adapter(state, body, principal)
-    adapter = selected.name
     # The HTTP request id leads the engine's ids, so engine log lines can be traced to the request.
     http_id = request_id_var.get()
     request_id = f"{http_id}.{uuid.uuid4().hex[:8]}" if http_id != "-" else uuid.uuid4().hex[:24]
@@ -174,10 +175,11 @@ def prepare(
     for p, ids in enumerate(prompts):
         for i in range(body.n):
             choice = p * body.n + i
-            seeded = params if params.seed is None else _with_seed(params, params.seed + choice)
-            generations.append(GenerationRequest(f"{request_id}-{choice}", list(ids), seeded, adapter))
-    merge = selected if selected.spec is not None else None
-    return PreparedRequest(request_id, adapter, adapter or state.model_id, generations, body.n, merge)
+            seeded = (
+                params if params.seed is None else _with_seed(params, (params.seed + choice) % SEED_MODULUS)
+            )
+            generations.append(GenerationRequest(f"{request_id}-{choice}", list(ids), seeded))
+    return PreparedRequest(request_id, selected, selected.name or state.model_id, generations, body.n)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

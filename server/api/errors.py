@@ -86,6 +86,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
+    if first.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    msg = msg.removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.api.rag_protocol import RagOptions
 
 MAX_STOP_SEQUENCES = 4
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a torch generator accepts
 
 
 def check_text(value: str, field: str) -> str:
@@ -23,6 +24,26 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
+# Parameters OpenAI defines that this server does not implement: refused (a 400 naming the field)
+# unless they carry a value that changes nothing. field -> (its no-op values, why it is refused)
+_REFUSED: dict[str, tuple[tuple, str]] = {
+    "logprobs": ((False, 0), "logprobs are not supported by this server yet"),
+    "top_logprobs": ((0,), "top_logprobs are not supported by this server yet"),
+    "logit_bias": (({},), "logit_bias is not supported by this server yet"),
+    "best_of": ((1,), "best_of is not supported by this server; use n"),
+    "response_format": (
+        ({"type": "text"},),
+        "only {'type': 'text'} is supported (JSON mode and JSON schema are not supported yet)",
+    ),
+    "tools": (([],), "tools (function calling) are not supported by this server yet"),
+    "tool_choice": (("none",), "tool_choice needs tools, which this server does not support yet"),
+    "functions": (([],), "functions (function calling) are not supported by this server yet"),
+    "function_call": (("none",), "function_call is not supported by this server yet"),
+    "store": ((False,), "store is not supported: this server keeps no completions"),
+    "metadata": (({},), "metadata is only kept with store, which this server does not offer"),
+}
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -34,7 +55,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
@@ -58,9 +79,14 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """The parameters shared by chat and text completions."""
+    """The parameters shared by chat and text completions.
 
-    model_config = ConfigDict(extra="ignore")
+    Unknown fields are refused, as OpenAI refuses them ("Unrecognized request argument"): a parameter
+    the server would silently ignore is a 400 naming it. Parameters OpenAI defines that this server
+    does not implement are declared and refused unless they carry their no-op value.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     adapter: str | dict[str, Any] | None = Field(
@@ -75,7 +101,7 @@ class SamplingFields(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=-1)] = -1
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stop: str | list[str] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -84,8 +110,28 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
+    store: Any = None
+    metadata: Any = None
     logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    response_format: Any = None
     tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: Any = None
+    function_call: Any = None
+
+    @field_validator("model", "user")
+    @classmethod
+    def _plain_text(cls, v: str | None, info) -> str | None:
+        return None if v is None else check_text(v, info.field_name)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_text(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        return check_text(v, "adapter") if isinstance(v, str) else v
 
     @field_validator("stop")
     @classmethod
@@ -106,13 +152,13 @@ class SamplingFields(BaseModel):
             raise ValueError("must be a finite number")
         return v
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> SamplingFields:
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs is not supported by this server")
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported by this server")
-        return self
+    @field_validator(*_REFUSED)
+    @classmethod
+    def _unsupported(cls, value: Any, info) -> Any:
+        no_ops, reason = _REFUSED[info.field_name]
+        if value is None or any(value == v and type(value) is type(v) for v in no_ops):
+            return value
+        raise ValueError(reason)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -136,13 +182,12 @@ class CompletionRequest(SamplingFields):
                 check_text(item, "prompt")
         return v
 
-    @model_validator(mode="after")
-    def _unsupported_completion(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        return self
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _unsupported_completion(cls, value: bool | str | None, info) -> bool | str | None:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server yet")
+        return value
 
 
 class SaveMergeRequest(BaseModel):

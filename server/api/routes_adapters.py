@@ -11,10 +11,12 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters.errors import AdapterNotFound
+from adapters.lease import AdapterChoice
 from adapters.lora import load_lora_weights, save_lora_weights
-from adapters.merging import MergeSpec, merge_lora
+from adapters.merging import MergeSpec
+from adapters.safe_files import MAX_CONFIG_BYTES
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE, check_adapter_name
-from server.api.auth import Admin, Caller
+from server.api.auth import Admin, Caller, may_see_adapter
 from server.api.deps import ServingState, State
 from server.api.errors import APIError
 from server.api.protocol import LoadLoraAdapterRequest, SaveMergeRequest, UnloadLoraAdapterRequest
@@ -49,7 +51,7 @@ def describe(state: ServingState, name: str) -> dict:
 def list_adapters(state: State, caller: Caller) -> dict:
     data = [describe(state, name) for name in state.store.names() if caller.may_use_adapter(name)]
     for resident in state.registry.resident():
-        if resident.origin != "store" and caller.may_use_adapter(resident.name):
+        if resident.origin != "store" and may_see_adapter(state, caller, resident.name):
             data.append(
                 {
                     "name": resident.name,
@@ -95,9 +97,8 @@ async def upload_adapter(
 ) -> dict:
     """Stores an adapter from its two files after validating it against the base model."""
     check_adapter_name(name)
-    limit = state.settings.max_upload_bytes
-    config_bytes = await _read_limited(adapter_config, limit)
-    weights_bytes = await _read_limited(adapter_model, limit)
+    config_bytes = await _read_limited(adapter_config, MAX_CONFIG_BYTES, "adapter_config")
+    weights_bytes = await _read_limited(adapter_model, state.settings.max_upload_bytes, "adapter_model")
 
     def write(folder: Path) -> None:
         (folder / CONFIG_FILE).write_bytes(config_bytes)
@@ -107,10 +108,10 @@ async def upload_adapter(
     return describe(state, name)
 
 
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+async def _read_limited(upload: UploadFile, limit: int, param: str) -> bytes:
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise APIError(413, f"adapter files must be at most {limit} bytes", code="upload_too_large")
+        raise APIError(413, f"{param} must be at most {limit} bytes", code="upload_too_large", param=param)
     return data
 
 
@@ -158,9 +159,7 @@ async def save_merge(name: str, body: SaveMergeRequest, state: State, caller: Ad
 
 
 def _save_merge(state: ServingState, name: str, spec: MergeSpec, overwrite: bool) -> None:
-    registry = state.registry
-    parts = [registry.read_weights(part) for part, _ in spec.parts]
-    merged = merge_lora(spec, parts, name, max_rank=registry.max_rank)
+    merged = state.registry.merged_weights(AdapterChoice(name, spec), name)
     _store_validated(state, name, lambda folder: save_lora_weights(merged, folder, state.model_id), overwrite)
 
 

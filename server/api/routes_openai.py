@@ -13,12 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from rag.prompt import build_rag_messages, last_user_text
 from server.api import convert
-from server.api.auth import Caller, Principal
+from server.api.auth import Caller, Principal, may_see_adapter
 from server.api.deps import ServingState, State
 from server.api.errors import APIError, error_response
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.routes_rag import check_visible
-from server.api.streams import admit, finish_admission, generate, pin_adapter
+from server.api.streams import EngineStream, admit
 from server.engine.types import GenerationOutput
 
 router = APIRouter(tags=["openai"])
@@ -41,7 +41,7 @@ def list_models(state: State, caller: Caller) -> dict:
         {"id": state.model_id, "object": "model", "created": created, "owned_by": "loraplex", "parent": None}
     ]
     names = set(state.store.names()) | {r.name for r in state.registry.resident()}
-    for name in sorted(n for n in names if caller.may_use_adapter(n)):
+    for name in sorted(n for n in names if may_see_adapter(state, caller, n)):
         data.append(
             {
                 "id": name,
@@ -112,19 +112,16 @@ async def _respond(
 ):
     request.state.adapter = prepared.adapter
     admit(state, prepared, caller)
-    try:
-        await pin_adapter(state, prepared)
-    except BaseException:
-        finish_admission(state, prepared)
-        raise
+    engine_stream = EngineStream(state, prepared)
+    await engine_stream.start()  # an unknown or invalid adapter fails here, before any response
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream_events(state, prepared, chat, include_usage, extra or {})
+        events = _stream_events(engine_stream, prepared, chat, include_usage, extra or {})
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     choices = [Choice() for _ in prepared.generations]
-    stream = generate(state, prepared)
+    stream = engine_stream.outputs()
     try:
         async for i, output in stream:
             _accumulate(choices[i], output)
@@ -132,6 +129,7 @@ async def _respond(
                 break
     finally:
         await stream.aclose()
+        engine_stream.close()
     failed = next((c.error for c in choices if c.error is not None), None)
     if failed is not None:
         return error_response(failed)
@@ -200,7 +198,11 @@ def _sse(payload: dict | str) -> str:
 
 
 async def _stream_events(
-    state: ServingState, prepared: convert.PreparedRequest, chat: bool, include_usage: bool, extra: dict
+    engine_stream: EngineStream,
+    prepared: convert.PreparedRequest,
+    chat: bool,
+    include_usage: bool,
+    extra: dict,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     obj, prefix = ("chat.completion.chunk", "chatcmpl-") if chat else ("text_completion", "cmpl-")
@@ -224,11 +226,11 @@ async def _stream_events(
         return {**base, "choices": [choice]}
 
     choices = [Choice() for _ in prepared.generations]
-    if chat:
-        for i in range(len(choices)):
-            yield _sse(chunk(i, "", None, role=True))
-    stream = generate(state, prepared)
+    stream = engine_stream.outputs()
     try:
+        if chat:
+            for i in range(len(choices)):
+                yield _sse(chunk(i, "", None, role=True))
         async for i, output in stream:
             _accumulate(choices[i], output)
             if output.error is not None:
@@ -245,6 +247,7 @@ async def _stream_events(
         return
     finally:
         await stream.aclose()
+        engine_stream.close()
     if include_usage or extra:  # the final chunk carries usage and, with RAG, the sources
         final = {**base, "choices": [], **extra}
         if include_usage:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from adapters.safe_files import JSONTooDeep, loads_bounded
 from rag.collections import CollectionManager
 from rag.errors import CollectionNotFound, DocumentTooLarge
 from rag.extract import UploadedFile
@@ -35,6 +36,8 @@ from server.api.rag_protocol import (
     SearchResponse,
     SearchResult,
 )
+
+MAX_METADATA_DEPTH = 16  # nesting of a multipart upload's metadata JSON
 
 router = APIRouter(prefix="/v1/rag", tags=["rag"])
 
@@ -190,8 +193,10 @@ def _form_metadata(raw: object) -> dict:
     if raw is None:
         return {}
     try:
-        metadata = json.loads(str(raw))
-    except json.JSONDecodeError:
+        metadata = loads_bounded(str(raw), MAX_METADATA_DEPTH)
+    except JSONTooDeep as e:
+        raise APIError(400, f"metadata: {e}", code="invalid_request", param="metadata") from e
+    except (json.JSONDecodeError, RecursionError):
         metadata = None
     if not isinstance(metadata, dict):
         raise RequestValidationError(

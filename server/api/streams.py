@@ -1,4 +1,4 @@
-"""Bridging the engine thread and the event loop: pin adapters, submit, stream outputs, cancel."""
+"""Bridging the engine thread and the event loop: admit, lease the adapter, submit, stream, cancel."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from adapters.lora import LoRAWeights
-from adapters.merging import merge_lora
 from server.api.auth import Principal
 from server.api.convert import PreparedRequest
 from server.api.deps import ServingState
@@ -21,8 +19,21 @@ logger = logging.getLogger(__name__)
 
 
 def admit(state: ServingState, prepared: PreparedRequest, principal: Principal) -> None:
-    """Bounded admission and per-key rate limits; refuses at once with 429 rather than queueing."""
+    """Bounded admission and per-key rate limits; refuses at once with 429 rather than queueing.
+
+    A request that could never be admitted (more sequences than ``--max-pending`` in all) is a 400
+    naming the limit: a 429 would have clients retry it forever.
+    """
     sequences = len(prepared.generations)
+    limit = state.settings.max_pending
+    if sequences > limit:
+        raise APIError(
+            400,
+            f"This request needs {sequences} sequences (prompts × n); the server runs at most {limit} "
+            "at once (--max-pending). Send fewer prompts or a smaller n.",
+            code="too_many_sequences",
+            param="n" if prepared.n > 1 else "prompt",
+        )
     tokens = sum(len(g.prompt_token_ids) + g.sampling.max_tokens for g in prepared.generations)
     try:
         state.rate_limiter.admit(principal, tokens)
@@ -30,11 +41,11 @@ def admit(state: ServingState, prepared: PreparedRequest, principal: Principal) 
         state.metrics.rejected.labels("rate_limit").inc()
         raise
     with state.pending_lock:
-        if state.pending + sequences > state.settings.max_pending:
+        if state.pending + sequences > limit:
             state.metrics.rejected.labels("overloaded").inc()
             raise APIError(
                 429,
-                f"The server is at its limit of {state.settings.max_pending} sequences; retry shortly.",
+                f"The server is at its limit of {limit} sequences; retry shortly.",
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
             )
@@ -46,85 +57,83 @@ def finish_admission(state: ServingState, prepared: PreparedRequest) -> None:
         state.pending -= len(prepared.generations)
 
 
-async def pin_adapter(state: ServingState, prepared: PreparedRequest) -> None:
-    """Makes the request's adapter resident and pins it once per generation (released by the engine)."""
-    if prepared.adapter is None:
-        return
-    pinned = 0
-    try:
-        for gen in prepared.generations:
-            gen.adapter_slot = await run_in_threadpool(_acquire, state, prepared)
-            pinned += 1
-    except BaseException:
-        for _ in range(pinned):
-            state.registry.release(prepared.adapter)
-        raise
+def _lease_and_submit(state: ServingState, prepared: PreparedRequest, emit) -> None:
+    """Leases the request's adapter (computing a merge once) and hands every generation to the engine.
 
-
-def _acquire(state: ServingState, prepared: PreparedRequest) -> int:
-    """Pins the request's adapter; a merge is computed once per canonical spec, off the engine thread."""
-    registry, choice = state.registry, prepared.merge
-    if choice is None:
-        return registry.acquire(prepared.adapter)
-
-    def compute() -> LoRAWeights:
-        parts = [registry.read_weights(name) for name, _ in choice.spec.parts]
-        return merge_lora(choice.spec, parts, prepared.adapter, max_rank=registry.max_rank)
-
-    spec = choice.spec.to_dict()
-    return registry.acquire_computed(prepared.adapter, compute, spec=spec, parts=choice.parts)
-
-
-async def generate(
-    state: ServingState, prepared: PreparedRequest
-) -> AsyncIterator[tuple[int, GenerationOutput]]:
-    """Yields ``(choice index, output)`` until every choice has finished.
-
-    The request must be admitted and its adapter pinned (:func:`admit`, :func:`pin_adapter`). If the
-    consumer stops early (client disconnect, cancellation) or the request times out, every unfinished
-    generation is cancelled in the engine, which frees its batch row at the next step.
+    Runs in a worker thread, in one piece: once the lease exists the engine owns it (it releases each
+    generation's share when that generation finishes, or all of them if the submission is refused).
     """
-    loop = asyncio.get_running_loop()
-    outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
-    index = {gen.request_id: i for i, gen in enumerate(prepared.generations)}
-    unfinished = set(index)
-    metrics = state.metrics
-    deadline = time.monotonic() + state.settings.request_timeout_seconds
+    lease = state.registry.lease(prepared.choice, holders=len(prepared.generations))
+    for gen in prepared.generations:
+        gen.lease = lease
+    state.engine.submit_all(prepared.generations, emit)
 
-    def emit(output: GenerationOutput) -> None:  # called on the engine thread
-        loop.call_soon_threadsafe(outputs.put_nowait, output)
 
-    submitted = 0
-    started = last = time.perf_counter()
-    first = True
-    try:
-        for gen in prepared.generations:
-            state.engine.submit(gen, emit)
-            submitted += 1
-        while unfinished:
-            try:
-                output = await asyncio.wait_for(outputs.get(), timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise APIError(
-                    504, "The request timed out before generation finished.", code="request_timeout"
-                ) from None
-            now = time.perf_counter()
-            if first:
-                metrics.ttft.observe(now - started)
-                first = False
-            else:
-                metrics.itl.observe(now - last)
-            last = now
-            if output.finished:
-                unfinished.discard(output.request_id)
-                metrics.generated_tokens.inc(output.completion_tokens)
-                metrics.prompt_tokens.inc(output.prompt_tokens)
-            yield index[output.request_id], output
-    finally:
-        for gen in prepared.generations[:submitted]:
-            if gen.request_id in unfinished:
-                state.engine.cancel(gen.request_id)
-        if prepared.adapter is not None:
-            for _ in prepared.generations[submitted:]:  # never reached the engine, which releases the rest
-                state.registry.release(prepared.adapter)
-        finish_admission(state, prepared)
+class EngineStream:
+    """One admitted request's generations, from lease and submission to the last output.
+
+    :meth:`start` leases the adapter and submits (its errors, e.g. an unknown adapter, arrive before
+    any response is sent); :meth:`outputs` yields ``(choice index, output)`` until every choice has
+    finished. If the consumer stops early (client disconnect, cancellation) or the request times out,
+    every unfinished generation is cancelled in the engine, which frees its batch row at the next
+    step and releases its lease share. Admission is finished exactly once, by whichever ends it.
+    """
+
+    def __init__(self, state: ServingState, prepared: PreparedRequest):
+        self.state = state
+        self.prepared = prepared
+        self._loop = asyncio.get_running_loop()
+        self._outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        self._index = {gen.request_id: i for i, gen in enumerate(prepared.generations)}
+        self._unfinished = set(self._index)
+        self._started = time.perf_counter()
+        self._closed = False
+
+    def _emit(self, output: GenerationOutput) -> None:  # called on the engine thread
+        self._loop.call_soon_threadsafe(self._outputs.put_nowait, output)
+
+    async def start(self) -> None:
+        try:
+            await run_in_threadpool(_lease_and_submit, self.state, self.prepared, self._emit)
+        except BaseException:
+            finish_admission(self.state, self.prepared)
+            raise
+
+    async def outputs(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
+        state, metrics = self.state, self.state.metrics
+        deadline = time.monotonic() + state.settings.request_timeout_seconds
+        last = self._started
+        first = True
+        try:
+            while self._unfinished:
+                try:
+                    output = await asyncio.wait_for(
+                        self._outputs.get(), timeout=max(0.0, deadline - time.monotonic())
+                    )
+                except asyncio.TimeoutError:
+                    raise APIError(
+                        504, "The request timed out before generation finished.", code="request_timeout"
+                    ) from None
+                now = time.perf_counter()
+                if first:
+                    metrics.ttft.observe(now - self._started)
+                    first = False
+                else:
+                    metrics.itl.observe(now - last)
+                last = now
+                if output.finished:
+                    self._unfinished.discard(output.request_id)
+                    metrics.generated_tokens.inc(output.completion_tokens)
+                    metrics.prompt_tokens.inc(output.prompt_tokens)
+                yield self._index[output.request_id], output
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancels what is unfinished and ends the admission; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for request_id in self._unfinished:
+            self.state.engine.cancel(request_id)
+        finish_admission(self.state, self.prepared)

@@ -26,9 +26,16 @@ from server.engine.types import (
     GenerationFailed,
     GenerationOutput,
     GenerationRequest,
+    NonFiniteLogits,
 )
 
 logger = logging.getLogger(__name__)
+
+MAX_FAILED_STEPS = 8  # consecutive failed steps after which the engine gives up (and /ready says so)
+
+
+class _WorkerDied(RuntimeError):
+    """The prefill worker thread is gone: no waiting request can start any more."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class LLMEngine:
         self._prefill_thread: threading.Thread | None = None
         self._in_prefill = 0
         self._prefilled: list[tuple[list[Sequence], list[Prefilled] | None, BaseException | None, float]] = []
+        self._in_hand: list[Sequence] = []  # out of the queue, not yet in the batch: blamed if a step fails
 
     # ------------------------------------------------------------------ public interface
     def start(self) -> None:
@@ -124,22 +132,42 @@ class LLMEngine:
                 thread.join(timeout)
 
     def submit(self, request: GenerationRequest, emit: Callable[[GenerationOutput], None]) -> None:
-        """Queues a request; ``emit`` is called from the engine thread with each update."""
-        if self._thread is None or not self._thread.is_alive() or self._stop.is_set():
-            raise EngineUnavailable("The generation engine is not running.")
-        prompt_tokens = len(request.prompt_token_ids)
-        if prompt_tokens + request.sampling.max_tokens > self.config.context_length:
-            raise ContextLengthExceeded(
-                prompt_tokens, request.sampling.max_tokens, self.config.context_length
-            )
-        seq = Sequence(request, emit, make_generator(request.sampling, self.runner.device))
+        """Queues one request; see :meth:`submit_all`."""
+        self.submit_all([request], emit)
+
+    def submit_all(self, requests: list[GenerationRequest], emit: Callable[[GenerationOutput], None]) -> None:
+        """Queues every request or none; ``emit`` is called from the engine thread with each update.
+
+        The engine owns each request's lease share from here on: it releases it when the sequence
+        finishes, and at once (before raising) if the submission is refused.
+
+        Raises:
+            EngineUnavailable: the engine is not running.
+            ContextLengthExceeded: a prompt plus its ``max_tokens`` does not fit the context window.
+        """
+        try:
+            if self._thread is None or not self._thread.is_alive() or self._stop.is_set() or self.failed:
+                raise EngineUnavailable("The generation engine is not running.")
+            for request in requests:
+                prompt_tokens = len(request.prompt_token_ids)
+                if prompt_tokens + request.sampling.max_tokens > self.config.context_length:
+                    raise ContextLengthExceeded(
+                        prompt_tokens, request.sampling.max_tokens, self.config.context_length
+                    )
+            seqs = [Sequence(r, emit, make_generator(r.sampling, self.runner.device)) for r in requests]
+        except BaseException:
+            for request in requests:
+                request.lease.release()
+            raise
         if self._prefill_thread is not None:  # straight to the worker: no wait for the decode step
-            self._by_id[request.request_id] = seq
             with self._waiting:
-                self.scheduler.add(seq)
+                for seq in seqs:
+                    self._by_id[seq.request_id] = seq
+                    self.scheduler.add(seq)
                 self._waiting.notify()
         else:
-            self._inbox.put(("submit", seq))
+            for seq in seqs:
+                self._inbox.put(("submit", seq))
 
     def cancel(self, request_id: str) -> None:
         """Stops a request (a client went away); its batch row is freed at the next step."""
@@ -160,10 +188,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        """Steps until stopped. A failed step fails the requests it can be blamed on, rebuilds the
+        batch and carries on; only :data:`MAX_FAILED_STEPS` failures in a row (or the prefill
+        worker's death) are fatal."""
         if self.config.cpu_threads:
             limit_threads(self.config.cpu_threads)
-        try:
-            while not self._stop.is_set():
+        failed_in_a_row = 0
+        while not self._stop.is_set():
+            try:
                 self._last_beat = time.monotonic()
                 self._drain_inbox(block=not self._can_step())
                 if self._can_step():
@@ -171,13 +203,47 @@ class LLMEngine:
                     # in place both inside forward passes and between them.
                     with self.registry.lock.shared(), torch.inference_mode():
                         self._step()
-        except BaseException as e:  # a fatal error: fail everyone, mark the engine dead
-            self._error = e
-            logger.critical("engine loop died: %r", e, exc_info=e)
-            for seq in list(self._by_id.values()):
+                    failed_in_a_row = 0  # only a step that completes resets the count
+            except _WorkerDied as e:
+                self._die(e)
+                return
+            except Exception as e:  # noqa: BLE001 - blame the step's requests, rebuild, go on
+                failed_in_a_row += 1
+                logger.exception("engine step failed (%d in a row); recovering", failed_in_a_row)
+                self._recover(e)
+                if failed_in_a_row >= MAX_FAILED_STEPS:
+                    self._die(e)
+                    return
+            except BaseException as e:  # KeyboardInterrupt, SystemExit: nothing to recover
+                self._die(e)
+                raise
+
+    def _recover(self, error: BaseException) -> None:
+        """After a step failed midway: fails the sequences in the batch or in hand, empties the batch."""
+        failure = GenerationFailed(f"generation failed: {type(error).__name__}")
+        blamed = [*self.scheduler.running, *self._in_hand]
+        self._in_hand = []
+        for seq in blamed:
+            seq.row = None  # the batch is rebuilt below, rows are not removed one by one
+        self.scheduler.running.clear()
+        self.runner.reset_batch()
+        for seq in blamed:
+            try:
+                self._finish(seq, "error", error=failure)
+            except Exception:  # noqa: BLE001 - one receiver failing must not stop the recovery
+                logger.exception("failing request %s after a failed step", seq.request_id)
+
+    def _die(self, error: BaseException) -> None:
+        """The engine cannot go on: /ready reports it first, then everyone is failed."""
+        self._error = error
+        logger.critical("engine loop died: %r", error, exc_info=error)
+        for seq in list(self._by_id.values()):
+            try:
                 self._finish(seq, "error", error=GenerationFailed("The generation engine failed."))
-            if self.on_fatal is not None:
-                self.on_fatal()
+            except Exception:  # noqa: BLE001
+                logger.exception("failing request %s", seq.request_id)
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _can_step(self) -> bool:
         if self.scheduler.running or self._prefilled:
@@ -221,8 +287,8 @@ class LLMEngine:
                     self._waiting.notify()
             elif kind == "prefilled":
                 self._prefilled.append(payload)
-            elif kind == "fatal":  # the prefill worker died
-                raise RuntimeError("the prefill worker died") from payload
+            elif kind == "fatal":  # the prefill worker died: waiting requests can never start
+                raise _WorkerDied("the prefill worker died") from payload
             elif kind == "cancel":
                 seq = self._by_id.get(payload)
                 if seq is not None:
@@ -240,34 +306,31 @@ class LLMEngine:
         for seq in [s for s in self.scheduler.running if s.cancelled]:
             self._finish(seq, "cancelled")
         prefilled, self._prefilled = self._prefilled, []
-        for seqs, done, error, seconds in prefilled:
-            with self._waiting:
+        with self._waiting:
+            for seqs, *_ in prefilled:
                 self._in_prefill -= len(seqs)
-                self._waiting.notify()
+            self._waiting.notify()
+        self._in_hand = [seq for seqs, *_ in prefilled for seq in seqs]  # blamed if the step fails
+        for seqs, done, error, seconds in prefilled:
             self._prefill_returned(seqs, done, error, seconds)
         if self._prefill_thread is None:
             prefills = self.scheduler.next_prefills(self.scheduler.max_running - len(self.scheduler.running))
             if prefills:
+                self._in_hand = prefills
                 self._prefill(prefills)
+        self._in_hand = []
         if not self.scheduler.running:  # finished sequences have already left the batch
             return
         last_tokens = [s.output_ids[-1] for s in self.scheduler.running]
         slots = [s.request.adapter_slot for s in self.scheduler.running]
         started = time.perf_counter()
-        try:
-            logits = self.runner.decode(last_tokens, slots)  # (B, V)
-        except Exception as e:  # noqa: BLE001 - one bad step fails this batch, not the server
-            logger.exception("decode step failed for %d sequences", len(slots))
-            for seq in list(self.scheduler.running):
-                self._finish(seq, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
-            return
+        logits = self.runner.decode(last_tokens, slots)  # (B, V); a failure is the loop's to recover
         self.stats.steps += 1
         self.stats.decode_seconds += time.perf_counter() - started
         self.stats.decode_rows += len(slots)
         # Rows move when a sequence leaves (swap-remove), so pair each sequence with its row first.
         for row, seq in enumerate(list(self.scheduler.running)):
-            token = sample_row(logits[row], seq.output_ids, seq.request.sampling, seq.generator)
-            self._on_token(seq, token)
+            self._advance(seq, logits[row])
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefills ``seqs`` packed in one forward pass in this thread; they join the batch."""
@@ -325,11 +388,24 @@ class LLMEngine:
             self.stats.prompt_tokens += len(seq.request.prompt_token_ids)
         now = time.perf_counter()
         for (seq, _), (logits, _) in zip(live, results):
-            token = sample_row(logits, seq.output_ids, seq.request.sampling, seq.generator)
             seq.first_token_time = now
-            self._on_token(seq, token)
+            self._advance(seq, logits)
 
     # ------------------------------------------------------------------ tokens → text
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Samples one row's next token and hands it on; a failure here fails this request only."""
+        try:
+            token = sample_row(
+                logits, seq.output_ids, seq.request.sampling, seq.generator, seq.request.adapter
+            )
+            self._on_token(seq, token)
+        except NonFiniteLogits as e:
+            logger.warning("request %s: non-finite scores on adapter %s", seq.request_id, seq.request.adapter)
+            self._finish(seq, "error", error=e)
+        except Exception as e:  # noqa: BLE001 - sampling/detokenizing one row must not stop the batch
+            logger.exception("sampling failed for request %s", seq.request_id)
+            self._finish(seq, "error", error=GenerationFailed(f"generation failed: {type(e).__name__}"))
+
     def _on_token(self, seq: Sequence, token: int) -> None:
         params = seq.request.sampling
         self.stats.generated_tokens += 1
@@ -373,8 +449,7 @@ class LLMEngine:
         delta = final_text[len(seq.text_sent) :] if final_text.startswith(seq.text_sent) else ""
         seq.text_sent = final_text
         self._by_id.pop(seq.request_id, None)
-        if seq.request.adapter:
-            self.registry.release(seq.request.adapter)
+        seq.request.lease.release()  # the one place a submitted sequence gives its lease share back
         self.stats.finished += 1
         self._emit(
             seq,

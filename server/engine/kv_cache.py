@@ -117,6 +117,13 @@ class BatchKVCache:
             self._compact()
         return moved
 
+    def clear(self) -> None:
+        """Empties the batch (after a failed step): every row gone, buffers kept for reuse."""
+        self.num_rows = 0
+        self.length = 0
+        self.mask.zero_()
+        self.positions.zero_()
+
     def _shift_right(self, by: int) -> None:
         """Moves every row's columns right by ``by`` so that a longer prompt fits before the cursor."""
         self._ensure(self.num_rows + 1, self.length + by + 1)

@@ -120,3 +120,7 @@ class ModelRunner:
 
     def remove_row(self, row: int) -> int | None:
         return self.kv.remove_row(row)
+
+    def reset_batch(self) -> None:
+        """Drops every running row: the engine's recovery after a step failed midway."""
+        self.kv.clear()

@@ -1,10 +1,16 @@
-"""Turning a batch of next-token logits into tokens, each row with its own parameters."""
+"""Turning a batch of next-token logits into tokens, each row with its own parameters.
+
+Numerically safe for every value the API accepts: scores are handled in float32; a row whose
+scores are not all finite raises :class:`NonFiniteLogits` (the engine fails that request alone);
+temperatures below :data:`MIN_TEMPERATURE` decode greedily; top-k and top-p always keep at least the
+most likely token, so the sampling distribution is never empty.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from server.engine.types import SamplingParams
+from server.engine.types import NonFiniteLogits, SamplingParams
 
 
 def apply_penalties(logits: torch.Tensor, output_ids: list[int], params: SamplingParams) -> torch.Tensor:
@@ -32,14 +38,27 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def sample_row(
-    logits: torch.Tensor, output_ids: list[int], params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor,
+    output_ids: list[int],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    adapter: str | None = None,
 ) -> int:
-    """Picks the next token for one sequence from its logits ``(V,)``."""
-    logits = apply_penalties(logits.float(), output_ids, params)
+    """Picks the next token for one sequence from its logits ``(V,)``.
+
+    Raises:
+        NonFiniteLogits: the row's scores (or its sampling distribution) hold NaN or infinity.
+    """
+    logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits(adapter)
+    logits = apply_penalties(logits, output_ids, params)
     if params.greedy:
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        raise NonFiniteLogits(adapter)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from adapters.lease import AdapterLease
+
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (dividing logits by it would overflow)
+
 
 class ContextLengthExceeded(ValueError):
     """The prompt plus ``max_tokens`` does not fit the model's context window."""
@@ -35,6 +39,21 @@ class GenerationFailed(RuntimeError):
     http_status = 503
 
 
+class NonFiniteLogits(GenerationFailed):
+    """One row's next-token scores became NaN or infinite; that request fails, the batch goes on."""
+
+    code = "non_finite_logits"
+    http_status = 500
+
+    def __init__(self, adapter: str | None):
+        on = f"the adapter '{adapter}'" if adapter else "the base model"
+        super().__init__(
+            f"Generation stopped: the model's scores for the next token became NaN or infinite on {on} "
+            "(extreme adapter weights or activations). Other requests are unaffected."
+        )
+        self.adapter = adapter
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop (OpenAI's parameters, validated at the API edge)."""
@@ -51,18 +70,29 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass
 class GenerationRequest:
-    """One sequence to generate. ``adapter`` is None for the base model."""
+    """One sequence to generate, with its share of the lease on its adapter (the base by default).
+
+    The engine owns the lease share from :meth:`LLMEngine.submit` on and releases it exactly once,
+    when the sequence finishes (or when the submission is refused).
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    adapter: str | None = None
-    adapter_slot: int = 0  # set once the registry has made the adapter resident
+    lease: AdapterLease = field(default_factory=AdapterLease.base)
+
+    @property
+    def adapter(self) -> str | None:
+        return self.lease.name
+
+    @property
+    def adapter_slot(self) -> int:
+        return self.lease.slot
 
 
 @dataclass

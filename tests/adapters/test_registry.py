@@ -10,6 +10,7 @@ import torch
 from adapters.base_model import load_base_model
 from adapters.batched_lora import BatchedLoRAModel
 from adapters.errors import AdapterBusy, AdapterNotFound
+from adapters.lease import AdapterChoice
 from adapters.registry import AdapterInUse, AdapterRegistry
 from adapters.store import AdapterStore
 
@@ -33,13 +34,13 @@ def test_lru_evicts_the_least_recently_used_idle_adapter(registry):
 
 def test_pinned_adapters_are_never_evicted_or_unloaded(registry):
     reg, _ = registry
-    reg.acquire("attn-r4")
-    reg.acquire("all-r8")
+    lease = reg.lease(AdapterChoice("attn-r4"))
+    reg.lease(AdapterChoice("all-r8"))
     with pytest.raises(AdapterBusy):
         reg.load("mlp-r2")
     with pytest.raises(AdapterInUse):
         reg.unload("attn-r4")
-    reg.release("attn-r4")
+    lease.release()
     reg.load("mlp-r2")  # attn-r4 is idle now and gets evicted
     assert {r.name for r in reg.resident()} == {"all-r8", "mlp-r2"}
 
@@ -47,7 +48,7 @@ def test_pinned_adapters_are_never_evicted_or_unloaded(registry):
 def test_unknown_adapter(registry):
     reg, _ = registry
     with pytest.raises(AdapterNotFound):
-        reg.acquire("missing")
+        reg.lease(AdapterChoice("missing"))
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,7 @@ def test_batched_rows_match_peft_per_adapter(registry, tiny_base_dir, tiny_adapt
     from transformers import AutoModelForCausalLM
 
     reg, base = registry
-    slots = [reg.acquire(name) if name else 0 for name in layout]
+    slots = [reg.lease(AdapterChoice(name)).slot for name in layout]
     input_ids = torch.randint(3, 200, (len(layout), 7))
     with torch.no_grad(), reg.lora.rows(slots):
         assert reg.lora.state.mode == request.node.callspec.id
@@ -104,7 +105,7 @@ def test_compiled_kernel_equals_the_pytorch_modes(registry, tiny_base_dir, tiny_
         pytest.skip("no C++ compiler: the kernel is optional and the PyTorch modes serve")
     assert reg.lora.kernel is not None, "a C++ compiler is installed but the CPU kernel did not build"
     names = [None, "attn-r4", "all-r8", "attn-r4", None, "all-r8"]
-    slots = [reg.acquire(n) if n else 0 for n in names]
+    slots = [reg.lease(AdapterChoice(n)).slot for n in names]
     ids = torch.randint(3, 200, (len(names), 1))
     packed = torch.randint(3, 200, (1, 12))
     ranges = [(slots[1], 0, 5), (0, 5, 7), (slots[2], 7, 12)]

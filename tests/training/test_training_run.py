@@ -13,6 +13,7 @@ import torch
 
 from adapters.batched_lora import BatchedLoRAModel
 from adapters.errors import AdapterExists
+from adapters.lease import AdapterChoice
 from adapters.lora import load_lora_weights
 from adapters.registry import AdapterRegistry
 from adapters.store import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, AdapterStore
@@ -99,7 +100,7 @@ def test_training_lowers_the_loss_and_writes_a_servable_adapter(toy_run, tiny_ba
     registry = AdapterRegistry(
         AdapterStore(tmp_path / "store"), BatchedLoRAModel(fresh.model, torch.float32), 2, 64
     )
-    slot = registry.acquire("toy")
+    slot = registry.lease(AdapterChoice("toy")).slot
     input_ids = torch.randint(3, 200, (2, 9))
     with torch.no_grad(), registry.lora.rows([0, slot]):
         logits = fresh.model(input_ids=input_ids).logits  # (2, 9, V)

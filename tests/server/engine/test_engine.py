@@ -10,6 +10,7 @@ import torch
 
 from adapters.base_model import load_base_model
 from adapters.batched_lora import BatchedLoRAModel
+from adapters.lease import AdapterChoice
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
@@ -65,9 +66,8 @@ def engine64(tiny_base_dir, adapter_store_dir):
 
 def submit(eng, tokenizer, rid, prompt, adapter, params=GREEDY) -> queue.Queue:
     outputs: queue.Queue = queue.Queue()
-    req = GenerationRequest(rid, tokenizer(prompt)["input_ids"], params, adapter)
-    if adapter:
-        req.adapter_slot = eng.registry.acquire(adapter)
+    lease = eng.registry.lease(AdapterChoice(adapter))  # the engine releases it when the request ends
+    req = GenerationRequest(rid, tokenizer(prompt)["input_ids"], params, lease)
     eng.submit(req, outputs.put)
     return outputs
 
@@ -194,7 +194,7 @@ def test_batched_decode_logits_match_solo_in_fp32(engine):
     """Teacher-forced: each row's logits in a mixed batch equal its logits alone (fp32 tolerance)."""
     eng, tok = engine
     registry = eng.registry
-    slots = [0] + [registry.acquire(a) for a in ADAPTERS[1:]]
+    slots = [0] + [registry.lease(AdapterChoice(a)).slot for a in ADAPTERS[1:]]
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     follow = tok("and then some more text")["input_ids"]
 
@@ -219,7 +219,8 @@ def test_packed_prefill_equals_each_prompt_alone(engine):
     the KV rows each gets alone."""
     eng, tok = engine
     registry = eng.registry
-    slots = [0] + [registry.acquire(a) for a in ADAPTERS[1:]]
+    leases = [registry.lease(AdapterChoice(a)) for a in ADAPTERS[1:]]
+    slots = [0] + [lease.slot for lease in leases]
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     with registry.lock:
         runner = ModelRunner(eng.runner.model, eng.runner.lora, eng.runner.device)
@@ -233,8 +234,8 @@ def test_packed_prefill_equals_each_prompt_alone(engine):
             for layer in range(alone.kv.num_layers):  # both right-aligned at the cursor
                 got = runner.kv.keys[layer][i, :, runner.kv.length - n : runner.kv.length]
                 torch.testing.assert_close(got, alone.kv.keys[layer][0, :, :n], rtol=0, atol=1e-4)
-    for a in ADAPTERS[1:]:
-        registry.release(a)
+    for lease in leases:
+        lease.release()
 
 
 def test_many_rows_and_long_outputs_grow_the_cache(engine64):
