@@ -33,6 +33,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token crossing top_p
+        remove[0] = False  # the most likely token always stays (a top_p below float32's range is 0 here)
         logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     return logits
 
