@@ -17,11 +17,16 @@ from adapters.batched_lora import BatchedLoRAModel
 from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from rag.collections import CollectionManager
-from server.api import routes_adapters, routes_health, routes_openai, routes_rag
+from server.api.adapter_admin.api_router import router as adapter_admin_router
 from server.api.auth import Admin, KeyRing
+from server.api.chat.api_router import router as chat_router
+from server.api.collections.api_router import router as collections_router
+from server.api.completions.api_router import router as completions_router
 from server.api.deps import ServingState
 from server.api.errors import install_error_handlers
+from server.api.health.api_router import router as health_router
 from server.api.limits import RequestLimitsMiddleware
+from server.api.models.api_router import router as models_router
 from server.api.request_context import RequestContextMiddleware
 from server.config import Settings
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
@@ -107,10 +112,15 @@ def create_app(settings: Settings, on_fatal=None) -> FastAPI:
         max_headers=settings.max_headers,
     )
     app.add_middleware(RequestContextMiddleware, metrics_getter=lambda: _metrics_of(app))
-    app.include_router(routes_health.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_adapters.router)
-    app.include_router(routes_rag.router)
+    for router in (
+        health_router,
+        models_router,
+        chat_router,
+        completions_router,
+        adapter_admin_router,
+        collections_router,
+    ):
+        app.include_router(router)
 
     @app.get("/metrics", tags=["health"])
     def metrics(request: Request, _: Admin) -> Response:

@@ -6,7 +6,7 @@ import queue
 import uuid
 
 from adapters.lease import AdapterChoice
-from server.api.convert import render_chat
+from server.api.engine_request import render_chat
 from server.app import build_state
 from server.config import Settings
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams

@@ -6,8 +6,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from server.api.collections.api_router import router
 from server.api.errors import install_error_handlers
-from server.api.routes_rag import router
 
 
 @pytest.fixture

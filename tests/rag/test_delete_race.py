@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 from rag.collection import DocumentInput
 from rag.errors import CollectionNotFound
+from server.api.collections.api_router import router
 from server.api.errors import install_error_handlers
-from server.api.routes_rag import router
 
 
 @pytest.fixture

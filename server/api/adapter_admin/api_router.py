@@ -16,10 +16,14 @@ from adapters.lora import load_lora_weights, save_lora_weights
 from adapters.merging import MergeSpec
 from adapters.safe_files import MAX_CONFIG_BYTES
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE, check_adapter_name
+from server.api.adapter_admin.protocol import (
+    LoadLoraAdapterRequest,
+    SaveMergeRequest,
+    UnloadLoraAdapterRequest,
+)
 from server.api.auth import Admin, Caller, may_see_adapter
 from server.api.deps import ServingState, State
 from server.api.errors import APIError
-from server.api.protocol import LoadLoraAdapterRequest, SaveMergeRequest, UnloadLoraAdapterRequest
 
 router = APIRouter(tags=["adapters"])
 

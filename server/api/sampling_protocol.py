@@ -1,13 +1,11 @@
-"""OpenAI-compatible wire models (requests); validated once here, at the edge."""
+"""The wire fields chat and text completions share (sampling, adapters, refused parameters)."""
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from server.api.rag_protocol import RagOptions
 
 MAX_STOP_SEQUENCES = 4
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a torch generator accepts
@@ -42,36 +40,6 @@ _REFUSED: dict[str, tuple[tuple, str]] = {
     "store": ((False,), "store is not supported: this server keeps no completions"),
     "metadata": (({},), "metadata is only kept with store, which this server does not offer"),
 }
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        return check_text(v, "text")
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _content(cls, v: str | list[TextPart]) -> str | list[TextPart]:
-        if isinstance(v, str):
-            check_text(v, "content")
-        return v
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -159,56 +127,3 @@ class SamplingFields(BaseModel):
         if value is None or any(value == v and type(value) is type(v) for v in no_ops):
             return value
         raise ValueError(reason)
-
-
-class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    rag: RagOptions | None = Field(None, description="retrieve passages from a RAG collection first")
-
-
-class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
-    echo: bool = False
-    suffix: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str | list) -> str | list:
-        if isinstance(v, str):
-            return check_text(v, "prompt")
-        for item in v:
-            if isinstance(item, str):
-                check_text(item, "prompt")
-        return v
-
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _unsupported_completion(cls, value: bool | str | None, info) -> bool | str | None:
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by this server yet")
-        return value
-
-
-class SaveMergeRequest(BaseModel):
-    """``POST /v1/adapters/{name}/save``: persist a merge spec as a named adapter."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    merge: list[dict[str, Any]] | None = None
-    method: str | None = None
-    density: float | None = None
-    majority_sign_method: str | None = None
-    merged_adapters: dict[str, Any] | None = None
-    overwrite: bool = False
-
-
-class LoadLoraAdapterRequest(BaseModel):
-    """vLLM's ``/v1/load_lora_adapter`` body."""
-
-    lora_name: str
-    lora_path: str | None = None
-
-
-class UnloadLoraAdapterRequest(BaseModel):
-    lora_name: str

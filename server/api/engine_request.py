@@ -1,4 +1,6 @@
-"""The one place where a wire request becomes the engine's GenerationRequests."""
+"""The one conversion from a wire request to engine requests, shared by every generating feature:
+the adapter choice (name, merge spec or ``model``; visibility), sampling parameters, the chat
+template, and one :class:`GenerationRequest` per prompt × ``n``."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from adapters.store import MERGED_PREFIX, check_adapter_name
 from server.api.auth import Principal
 from server.api.deps import ServingState
 from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.request_context import request_id_var
+from server.api.sampling_protocol import SamplingFields
 from server.engine.types import ContextLengthExceeded, GenerationRequest, SamplingParams
 
 SEED_MODULUS = 1 << 64  # torch generators take 64-bit seeds; choice i of n runs on seed + i (mod 2⁶⁴)
@@ -127,11 +129,6 @@ def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int |
     )
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict]:
-    """The request's messages as plain dicts (text parts joined; ``developer`` is a system turn)."""
-    return [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
-
-
 def render_chat(state: ServingState, messages: list[dict]) -> list[int]:
     """Renders messages with the tokenizer's chat template, exactly as training does, and tokenizes."""
     tokenizer = state.base.tokenizer
@@ -140,10 +137,6 @@ def render_chat(state: ServingState, messages: list[dict]) -> list[int]:
     except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's input
         raise APIError(400, f"messages cannot be rendered by the chat template: {e}", param="messages") from e
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _template_role(role: str) -> str:
-    return "system" if role == "developer" else role
 
 
 def prepare(
@@ -184,16 +177,3 @@ def prepare(
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return replace(params, seed=seed)
-
-
-def completion_prompts(state: ServingState, body: CompletionRequest) -> list[list[int]]:
-    tokenizer = state.base.tokenizer
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        return [tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-    if all(isinstance(p, int) for p in prompt):
-        vocab = len(tokenizer)
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
-        return [list(prompt)]
-    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt]

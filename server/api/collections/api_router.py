@@ -20,8 +20,7 @@ from rag.collections import CollectionManager
 from rag.errors import CollectionNotFound, DocumentTooLarge
 from rag.extract import UploadedFile
 from server.api.auth import Admin, Caller, Principal
-from server.api.errors import APIError
-from server.api.rag_protocol import (
+from server.api.collections.protocol import (
     CollectionDeleted,
     CollectionList,
     CollectionObject,
@@ -36,6 +35,7 @@ from server.api.rag_protocol import (
     SearchResponse,
     SearchResult,
 )
+from server.api.errors import APIError
 
 MAX_METADATA_DEPTH = 16  # nesting of a multipart upload's metadata JSON
 

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import Principal
-from server.api.convert import PreparedRequest
 from server.api.deps import ServingState
+from server.api.engine_request import PreparedRequest
 from server.api.errors import APIError
 from server.engine.types import GenerationOutput
 

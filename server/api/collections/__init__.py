@@ -1,0 +1,1 @@
+"""RAG collections: create, ingest, search, delete (``/v1/rag/...``)."""

@@ -1,0 +1,1 @@
+"""Text completions: ``POST /v1/completions``."""

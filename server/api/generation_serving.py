@@ -1,0 +1,187 @@
+"""What chat and text completions share: admitting a prepared request, running it through the
+engine, and answering with one JSON body or a stream of SSE chunks.
+
+A feature subclasses :class:`GenerationServing` and says only how its bodies and chunks look
+(:meth:`final_body`, :meth:`chunk`); admission, the adapter lease, cancellation on disconnect,
+usage and in-band stream errors are the same for every feature.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.auth import Principal
+from server.api.deps import ServingState
+from server.api.engine_bridge import EngineStream, admit
+from server.api.engine_request import PreparedRequest
+from server.api.errors import error_response
+from server.engine.types import GenerationOutput
+
+
+@dataclass
+class Choice:
+    """One choice's text and final state, accumulated from the engine's outputs."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    error: BaseException | None = None
+    extra: dict = field(default_factory=dict)
+
+    def add(self, output: GenerationOutput) -> None:
+        self.text += output.text_delta
+        if output.finished:
+            self.finish_reason = output.finish_reason
+            self.completion_tokens = output.completion_tokens
+            self.prompt_tokens = output.prompt_tokens
+            self.error = output.error
+
+
+def usage(choices: list[Choice], prepared: PreparedRequest) -> dict:
+    """OpenAI's ``usage``: ``n`` choices share their prompt, which is counted once."""
+    prompt_tokens = sum(len(g.prompt_token_ids) for g in prepared.generations[:: prepared.n])
+    completion_tokens = sum(c.completion_tokens for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    """An SSE ``error`` event carrying the OpenAI error body (message only, never a traceback)."""
+    return f"event: error\ndata: {error_response(exc).body.decode()}\n\n"
+
+
+class GenerationServing(ABC):
+    """Runs one prepared request and shapes its answer; one instance per HTTP request."""
+
+    object_name: str  # "chat.completion" / "text_completion"
+    chunk_object_name: str
+    id_prefix: str  # "chatcmpl-" / "cmpl-"
+
+    def __init__(self, state: ServingState, prepared: PreparedRequest):
+        self.state = state
+        self.prepared = prepared
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ what a feature defines
+    @abstractmethod
+    def choice_body(self, index: int, choice: Choice) -> dict:
+        """One entry of the final body's ``choices``."""
+
+    @abstractmethod
+    def chunk_choice(self, index: int, text: str | None, finish_reason: str | None, first: bool) -> dict:
+        """One entry of a stream chunk's ``choices`` (``first``: the choice's opening chunk)."""
+
+    def opening_chunks(self) -> bool:
+        """Whether every choice opens with an empty chunk (chat sends the assistant role there)."""
+        return False
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def base(self) -> dict:
+        return {
+            "id": self.id_prefix + self.prepared.request_id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.prepared.model_name,
+        }
+
+    def final_body(self, choices: list[Choice]) -> dict:
+        return {
+            **self.base,
+            "adapter": self.prepared.adapter,
+            "choices": [self.choice_body(i, c) for i, c in enumerate(choices)],
+            "usage": usage(choices, self.prepared),
+        }
+
+    async def respond(
+        self,
+        request: Request,
+        principal: Principal,
+        stream: bool,
+        include_usage: bool = False,
+        extra: dict | None = None,
+    ):
+        """Admits, leases and submits; then a JSON response or an SSE stream.
+
+        Errors before generation starts (limits, an unknown adapter) raise and become HTTP errors;
+        once a stream has started they arrive in-band as an ``error`` event before ``[DONE]``.
+        """
+        request.state.adapter = self.prepared.adapter
+        admit(self.state, self.prepared, principal)
+        engine_stream = EngineStream(self.state, self.prepared)
+        await engine_stream.start()  # an unknown or invalid adapter fails here, before any response
+        if stream:
+            events = self._events(engine_stream, include_usage, extra or {})
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        choices = [Choice() for _ in self.prepared.generations]
+        outputs = engine_stream.outputs()
+        try:
+            async for i, output in outputs:
+                choices[i].add(output)
+                if await request.is_disconnected():
+                    break
+        finally:
+            await outputs.aclose()
+            engine_stream.close()
+        failed = next((c.error for c in choices if c.error is not None), None)
+        if failed is not None:
+            return error_response(failed)
+        return JSONResponse({**self.final_body(choices), **(extra or {})})
+
+    def _chunk(self, index: int, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+        return {
+            **self.base,
+            "object": self.chunk_object_name,
+            "choices": [self.chunk_choice(index, text, finish_reason, first)],
+        }
+
+    async def _events(
+        self, engine_stream: EngineStream, include_usage: bool, extra: dict
+    ) -> AsyncIterator[str]:
+        choices = [Choice() for _ in self.prepared.generations]
+        outputs = engine_stream.outputs()
+        try:
+            if self.opening_chunks():
+                for i in range(len(choices)):
+                    yield sse(self._chunk(i, "", None, first=True))
+            async for i, output in outputs:
+                choices[i].add(output)
+                if output.error is not None:
+                    yield sse_error(output.error)
+                    yield sse("[DONE]")
+                    return
+                if output.text_delta:
+                    yield sse(self._chunk(i, output.text_delta, None))
+                if output.finished:
+                    yield sse(self._chunk(i, None, output.finish_reason))
+        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
+            yield sse_error(e)
+            yield sse("[DONE]")
+            return
+        finally:
+            await outputs.aclose()
+            engine_stream.close()
+        if include_usage or extra:  # the final chunk carries usage and, with RAG, the sources
+            final = {**self.base, "object": self.chunk_object_name, "choices": [], **extra}
+            if include_usage:
+                final["usage"] = usage(choices, self.prepared)
+            yield sse(final)
+        yield sse("[DONE]")

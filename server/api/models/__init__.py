@@ -1,0 +1,1 @@
+"""The model list: ``GET /v1/models``."""
