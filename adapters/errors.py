@@ -55,7 +55,6 @@ class AdapterBusy(RuntimeError):
 
     code = "adapter_capacity_exhausted"
     param = "adapter"
-    http_status = 503
 
     def __init__(self, capacity: int):
         super().__init__(

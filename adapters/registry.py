@@ -37,7 +37,6 @@ class AdapterChanged(RuntimeError):
 
     code = "adapter_changed"
     param = "adapter"
-    http_status = 503
 
     def __init__(self, name: str):
         super().__init__(f"The parts of '{name}' changed while it was computed; retry the request.")
@@ -48,7 +47,6 @@ class AdapterInUse(ValueError):
 
     code = "adapter_in_use"
     param = "name"
-    http_status = 409
 
     def __init__(self, name: str, pins: int):
         super().__init__(f"The adapter '{name}' is serving {pins} request(s); unload it when they finish.")

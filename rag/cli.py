@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from adapters.shared_settings import SharedSettings
 from rag.chunker import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE
 from rag.collection import DocumentInput, IngestResult
 from rag.collections import CollectionManager
@@ -26,7 +26,7 @@ INGEST_BATCH_FILES = 4  # files per ingest call: one index write each
 
 
 def data_dir(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("LORAPLEX_DATA_DIR") or "data")
+    return Path(arg) if arg else SharedSettings().data_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,7 @@
 """Domain errors of the RAG package; the server maps them to HTTP in one place.
 
 Each error carries ``code`` (OpenAI-style error code) and ``param`` (the request field at fault) as class
-attributes. ``LookupError`` subclasses become 404, ``ValueError`` subclasses 400, and an ``http_status``
-class attribute overrides both (413, 415, 409 below).
+attributes; HTTP statuses are assigned in one table, ``server/api/errors.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ class CollectionExists(ValueError):
 
     code = "collection_exists"
     param = "name"
-    http_status = 409
 
     def __init__(self, name: str):
         super().__init__(f"A collection named '{name}' already exists.")
@@ -94,7 +92,6 @@ class DocumentTooLarge(ValueError):
 
     code = "document_too_large"
     param = "documents"
-    http_status = 413
 
     def __init__(self, source: str, size_bytes: int, limit_bytes: int):
         super().__init__(f"{source!r} is {size_bytes} bytes; the limit is {limit_bytes} bytes.")
@@ -108,7 +105,6 @@ class UnsupportedFileType(ValueError):
 
     code = "unsupported_file_type"
     param = "files"
-    http_status = 415
 
     def __init__(self, filename: str, content_type: str | None):
         super().__init__(

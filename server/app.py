@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import torch
@@ -76,19 +76,23 @@ def build_state(settings: Settings) -> ServingState:
     return ServingState(settings, base, store, registry, engine, context_length, rag=rag)
 
 
-def create_app(settings: Settings, on_fatal=None) -> FastAPI:
+def create_app(
+    settings: Settings, on_fatal=None, build: Callable[[Settings], ServingState] = build_state
+) -> FastAPI:
     """Builds the FastAPI app; heavy objects are created in the lifespan, never at import.
 
     Args:
         settings: the server settings.
         on_fatal: called (from the engine thread) if the engine loop dies, so that the process can
             exit non-zero and a supervisor restart it.
+        build: makes the serving state (model, registry, engine) from the settings; API tests pass
+            one that puts a fake engine in.
     """
     keyring = KeyRing.from_file(settings.api_keys_file) if settings.api_keys_file else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = build_state(settings)
+        state = build(settings)
         state.engine.on_fatal = on_fatal
         state.metrics.bind(state)
         state.engine.start()

@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from adapters.shared_settings import SharedSettings
 
 
-class Settings(BaseSettings):
-    """Server settings (see ``loraplex serve --help``)."""
+class Settings(SharedSettings):
+    """Server settings (see ``loraplex serve --help``); the data and cache locations are the shared
+    ones (``adapters/shared_settings.py``) that training, RAG and the kernel build read too."""
 
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid", validate_default=True)
 
@@ -34,11 +37,6 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="CPU threads per engine thread (default: one per core, half with the prefill worker)",
-    )
-    data_dir: Path = Field(Path("data"), description="data directory (adapters, RAG collections)")
-    adapter_dir: Path | None = Field(None, description="adapter store (default: DATA_DIR/adapters)")
-    cache_dir: Path = Field(
-        Path.home() / ".cache" / "loraplex", description="where converted models are cached"
     )
     max_loaded_adapters: int = Field(16, ge=1, le=1024, description="adapters resident in model memory")
     max_adapter_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
@@ -81,5 +79,5 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
         if self.adapter_dir is None:
-            self.adapter_dir = self.data_dir / "adapters"
+            self.adapter_dir = self.adapter_store
         return self

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from adapters.base_model import QUANTIZATIONS, BaseModelError
 from adapters.errors import AdapterExists, AdapterInvalid, AdapterNameInvalid, AdapterNotFound
+from adapters.shared_settings import SharedSettings
 from training.args import (
     OVERLONG_POLICIES,
     SCHEDULERS,
@@ -31,9 +31,7 @@ EXIT_REGISTER_FAILED = 3
 
 def default_adapter_dir() -> Path:
     """The server's adapter store: ``$LORAPLEX_ADAPTER_DIR``, else ``$LORAPLEX_DATA_DIR/adapters``."""
-    if os.environ.get("LORAPLEX_ADAPTER_DIR"):
-        return Path(os.environ["LORAPLEX_ADAPTER_DIR"])
-    return Path(os.environ.get("LORAPLEX_DATA_DIR", "data")) / "adapters"
+    return SharedSettings().adapter_store
 
 
 def build_parser(prog: str = "loraplex train") -> argparse.ArgumentParser:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from adapters.shared_settings import KernelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _cpu_signature() -> str:
 
 
 def _build_dir() -> Path:
-    root = Path(os.environ.get("LORAPLEX_KERNEL_DIR", Path.home() / ".cache" / "loraplex" / "kernels"))
+    root = KernelSettings().kernel_dir
     # -march=native code runs only on CPUs with these features: one build per CPU and torch version
     cpu = hashlib.sha1(_cpu_signature().encode()).hexdigest()[:12]
     folder = root / f"torch{torch.__version__.replace('+', '_')}-{cpu}"
@@ -44,7 +45,7 @@ def _build_dir() -> Path:
 @cache
 def bgmv():
     """The compiled ``bgmv_`` op, or None when it cannot be built here (the caller falls back)."""
-    if os.environ.get("LORAPLEX_NO_KERNELS"):
+    if KernelSettings().no_kernels:
         return None
     try:
         from torch.utils.cpp_extension import load

@@ -13,7 +13,7 @@ from adapters.registry import AdapterRegistry
 from adapters.store import AdapterStore
 from server.api.limits import RateLimiter
 from server.config import Settings
-from server.engine.engine import LLMEngine
+from server.engine.protocol import Engine
 from server.metrics import ServerMetrics
 
 
@@ -25,7 +25,7 @@ class ServingState:
     base: BaseModel
     store: AdapterStore
     registry: AdapterRegistry
-    engine: LLMEngine
+    engine: Engine
     context_length: int
     rag: Any = None  # rag.CollectionManager, when RAG is enabled
     metrics: ServerMetrics = field(default_factory=ServerMetrics)

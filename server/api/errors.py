@@ -1,12 +1,11 @@
 """The one place where exceptions become HTTP responses, in OpenAI's error shape.
 
-Rules, in order:
-1. an exception with an ``http_status`` class attribute gets that status;
-2. ``LookupError`` subclasses (e.g. ``AdapterNotFound``) → 404;
-3. ``ValueError`` subclasses (invalid input, invalid adapters) → 400;
-4. anything else → 500 with a generic message (logged with its traceback, never returned).
-
-Domain exceptions may carry ``code`` and ``param`` class attributes; they fill the error body.
+Domain errors know nothing of HTTP: they carry the offending value, an OpenAI-style ``code`` and the
+request field at fault (``param``, which only the domain knows: ``adapter.merge[1].weight``). Their
+HTTP status is assigned here, by :data:`STATUS_BY_ERROR` (the first matching class wins), then
+``LookupError`` → 404 and ``ValueError`` → 400. :class:`APIError` (raised by the API layer itself)
+carries its status. Anything else is a 500 with a generic message, logged with its traceback and
+never returned.
 """
 
 from __future__ import annotations
@@ -19,7 +18,27 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.errors import AdapterBusy
+from adapters.registry import AdapterChanged, AdapterInUse
+from rag.errors import CollectionExists, DocumentTooLarge, UnsupportedFileType
+from server.engine.types import EngineUnavailable, GenerationFailed, NonFiniteLogits
+
 logger = logging.getLogger(__name__)
+
+# (domain error, HTTP status): subclasses before their bases.
+STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
+    (NonFiniteLogits, 500),  # a GenerationFailed, but retrying the same request fails the same way
+    (GenerationFailed, 503),
+    (EngineUnavailable, 503),
+    (AdapterBusy, 503),
+    (AdapterChanged, 503),
+    (AdapterInUse, 409),
+    (CollectionExists, 409),
+    (DocumentTooLarge, 413),
+    (UnsupportedFileType, 415),
+    (LookupError, 404),
+    (ValueError, 400),
+)
 
 
 class APIError(Exception):
@@ -54,20 +73,20 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 
 
 def status_for(exc: BaseException) -> int:
-    status = getattr(exc, "http_status", None)
-    if isinstance(status, int):
-        return status
-    if isinstance(exc, LookupError):
-        return 404
-    if isinstance(exc, ValueError):
-        return 400
-    return 500
+    """The HTTP status of ``exc`` (500 for anything not known to the table)."""
+    if isinstance(exc, APIError):
+        return exc.http_status
+    return next((status for kind, status in STATUS_BY_ERROR if isinstance(exc, kind)), 500)
+
+
+def _known(exc: BaseException) -> bool:
+    return isinstance(exc, APIError) or any(isinstance(exc, kind) for kind, _ in STATUS_BY_ERROR)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
     """The JSON response for any exception (also used for errors inside a stream)."""
     status = status_for(exc)
-    if status >= 500 and not hasattr(exc, "http_status"):
+    if not _known(exc):
         logger.error("internal error: %r", exc, exc_info=exc)
         message = "The server had an error while processing your request."
     else:

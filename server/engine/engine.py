@@ -22,6 +22,8 @@ from server.engine.scheduler import Scheduler, Sequence
 from server.engine.threads import limit_threads
 from server.engine.types import (
     ContextLengthExceeded,
+    EngineHealth,
+    EngineStats,
     EngineUnavailable,
     GenerationFailed,
     GenerationOutput,
@@ -45,26 +47,6 @@ class EngineConfig:
     context_length: int = 2048
     prefill_worker: bool = False  # prefill in a second thread while the engine thread decodes
     cpu_threads: int | None = None  # compute threads of each engine thread (None: leave as they are)
-
-
-@dataclass
-class EngineHealth:
-    alive: bool
-    seconds_since_step: float
-    running: int
-    waiting: int
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    finished: int = 0
-    prefill_forwards: int = 0
-    prefill_seconds: float = 0.0  # engine time in prefill forward passes
-    decode_seconds: float = 0.0  # engine time in decode forward passes
-    decode_rows: int = 0  # summed batch size of the decode steps (÷ steps = mean batch)
 
 
 class LLMEngine:

@@ -28,7 +28,6 @@ class EngineUnavailable(RuntimeError):
 
     code = "engine_unavailable"
     param = None
-    http_status = 503
 
 
 class GenerationFailed(RuntimeError):
@@ -36,14 +35,12 @@ class GenerationFailed(RuntimeError):
 
     code = "generation_failed"
     param = None
-    http_status = 503
 
 
 class NonFiniteLogits(GenerationFailed):
     """One row's next-token scores became NaN or infinite; that request fails, the batch goes on."""
 
     code = "non_finite_logits"
-    http_status = 500
 
     def __init__(self, adapter: str | None):
         on = f"the adapter '{adapter}'" if adapter else "the base model"
@@ -107,3 +104,23 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+
+
+@dataclass
+class EngineHealth:
+    alive: bool
+    seconds_since_step: float
+    running: int
+    waiting: int
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    prefill_forwards: int = 0
+    prefill_seconds: float = 0.0  # engine time in prefill forward passes
+    decode_seconds: float = 0.0  # engine time in decode forward passes
+    decode_rows: int = 0  # summed batch size of the decode steps (÷ steps = mean batch)

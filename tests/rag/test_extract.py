@@ -6,6 +6,7 @@ import pytest
 
 from rag.errors import DocumentUnreadable, UnsupportedFileType
 from rag.extract import extract_text
+from server.api.errors import status_for
 
 
 @pytest.mark.parametrize(
@@ -44,4 +45,4 @@ def test_broken_pdf_raises(data):
 def test_unsupported_type_raises(filename, content_type):
     with pytest.raises(UnsupportedFileType) as e:
         extract_text(b"data", filename, content_type)
-    assert e.value.http_status == 415
+    assert status_for(e.value) == 415
