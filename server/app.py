@@ -20,9 +20,13 @@ from rag.collections import CollectionManager
 from server.api import routes_adapters, routes_health, routes_openai, routes_rag
 from server.api.auth import Caller, KeyRing
 from server.api.deps import ServingState
+from server.api.embeddings.api_router import router as embeddings_router
+from server.api.embeddings.serving import build_embedding_worker
 from server.api.errors import install_error_handlers
 from server.api.limits import RequestLimitsMiddleware
+from server.api.models.api_router import router as models_router
 from server.api.request_context import RequestContextMiddleware
+from server.api.tokenize.api_router import router as tokenize_router
 from server.config import Settings
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
 from server.engine.runner import ModelRunner
@@ -89,11 +93,13 @@ def create_app(settings: Settings, on_fatal=None) -> FastAPI:
         state.engine.start()
         app.state.serving = state
         app.state.rag = state.rag
+        app.state.embeddings = build_embedding_worker(state)
         logger.info("serving %s with adapters from %s", state.model_id, settings.adapter_dir)
         try:
             yield
         finally:
             state.engine.stop()
+            app.state.embeddings.close()
             state.rag.close()  # flushes the collections' indexes
             logger.info("engine stopped, RAG collections closed")
 
@@ -111,6 +117,9 @@ def create_app(settings: Settings, on_fatal=None) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_adapters.router)
     app.include_router(routes_rag.router)
+    app.include_router(embeddings_router)
+    app.include_router(models_router)
+    app.include_router(tokenize_router)
 
     @app.get("/metrics", tags=["health"])
     def metrics(request: Request, _: Caller) -> Response:

@@ -15,6 +15,7 @@ from rag.prompt import build_rag_messages, last_user_text
 from server.api import convert
 from server.api.auth import Caller, Principal
 from server.api.deps import ServingState, State
+from server.api.embeddings.serving import embedding_model_entries
 from server.api.errors import APIError, error_response
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.routes_rag import check_visible
@@ -51,6 +52,7 @@ def list_models(state: State, caller: Caller) -> dict:
                 "parent": state.model_id,
             }
         )
+    data.extend(embedding_model_entries(state))
     return {"object": "list", "data": data}
 
 

@@ -1,0 +1,1 @@
+"""``GET /v1/models/{id}``: one model (base, adapter, cached merge, embedder), tenant-scoped."""
