@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from server.api.protocol import check_text
 
@@ -25,9 +34,15 @@ class EmbeddingRequest(BaseModel):
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
 
-    @field_validator("input")
+    @field_validator("input", mode="wrap")
     @classmethod
-    def _input(cls, value: object) -> object:
+    def _input(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        try:
+            value = handler(value)
+        except ValidationError:  # one message for the four shapes, not one per union member
+            raise ValueError(
+                "input must be a string, a list of strings, a list of token ids or a list of token-id lists"
+            ) from None
         texts = [value] if isinstance(value, str) else value
         for text in texts:
             if isinstance(text, str):
