@@ -258,3 +258,39 @@ def test_worker_encodes_waiting_requests_together_one_call_at_a_time():
     finally:
         embedder.release.set()
         worker.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "aliases"),
+    [
+        (
+            ["--embedding-alias", f"{ALIAS}={MODEL}", "--embedding-alias", f"ada={MODEL}"],
+            None,
+            {ALIAS: MODEL, "ada": MODEL},
+        ),
+        ([], f"{ALIAS}={MODEL}, ada={MODEL}", {ALIAS: MODEL, "ada": MODEL}),
+        ([], None, {}),
+    ],
+)
+def test_aliases_from_repeated_flags_or_a_comma_list(monkeypatch, argv, env, aliases):
+    from server.cli import load_settings
+
+    if env is not None:
+        monkeypatch.setenv("LORAPLEX_EMBEDDING_ALIASES", env)
+    assert load_settings(argv).embedding_aliases == aliases
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--embedding-alias", "no-equals-sign"], "--embedding-aliases"),
+        (["--embedding-alias", f"{ALIAS}=some-other-model"], f"--embedding-alias {ALIAS}"),
+        (["--max-embedding-tokens", "1000", "--max-embedding-queue-tokens", "999"], "--max-embedding-queue"),
+    ],
+)
+def test_invalid_embedding_settings_fail_fast_naming_the_setting(argv, named):
+    from server.cli import load_settings
+
+    with pytest.raises(SystemExit) as info:
+        load_settings(argv)
+    assert named in str(info.value)
