@@ -126,7 +126,7 @@ class EmbeddingWorker:
         return jobs, False
 
     def _encode(self, jobs: list[EmbeddingJob]) -> None:
-        # A request whose client went away was cancelled: its texts are not encoded.
+        # A job whose future was cancelled (its request task was, e.g. at shutdown) is not encoded.
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         try:
             if live:
