@@ -95,6 +95,7 @@ class SentenceTransformerEmbedder:
         self._tokenizer = Tokenizer.from_str(backend.to_str())
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
+        self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         self._encode_lock = threading.Lock()
         self._tokenize_lock = threading.Lock()
         logger.info("loaded embedding model %s (dimension %d) from %s", model, self.dimension, path)
@@ -112,6 +113,16 @@ class SentenceTransformerEmbedder:
         with self._tokenize_lock:
             encoding = self._tokenizer.encode(text, add_special_tokens=False)
         return [(s, e) for s, e in encoding.offsets if e > s]
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids the model reads for ``text``, special tokens excluded and without truncation."""
+        with self._tokenize_lock:
+            return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (each in ``[0, vocab_size)``); special tokens are dropped."""
+        with self._tokenize_lock:
+            return self._tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def load_embedder(model: str) -> Embedder:

@@ -23,11 +23,14 @@ from server.api.chat.api_router import router as chat_router
 from server.api.collections.api_router import router as collections_router
 from server.api.completions.api_router import router as completions_router
 from server.api.deps import ServingState
+from server.api.embeddings.api_router import router as embeddings_router
+from server.api.embeddings.serving import build_embedding_worker
 from server.api.errors import install_error_handlers
 from server.api.health.api_router import router as health_router
 from server.api.limits import RequestLimitsMiddleware
 from server.api.models.api_router import router as models_router
 from server.api.request_context import RequestContextMiddleware
+from server.api.tokenize.api_router import router as tokenize_router
 from server.config import Settings
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
 from server.engine.runner import ModelRunner
@@ -98,11 +101,13 @@ def create_app(
         state.engine.start()
         app.state.serving = state
         app.state.rag = state.rag
+        app.state.embeddings = build_embedding_worker(state)
         logger.info("serving %s with adapters from %s", state.model_id, settings.adapter_dir)
         try:
             yield
         finally:
             state.engine.stop()
+            app.state.embeddings.close()
             state.rag.close()  # flushes the collections' indexes
             logger.info("engine stopped, RAG collections closed")
 
@@ -121,6 +126,8 @@ def create_app(
         models_router,
         chat_router,
         completions_router,
+        embeddings_router,
+        tokenize_router,
         adapter_admin_router,
         collections_router,
     ):

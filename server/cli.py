@@ -47,6 +47,18 @@ def serve_parser() -> argparse.ArgumentParser:
                 _flag(name), dest=name, action="store_const", const=True, default=None, help=help_text
             )
             continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "repeatable_flag" in extra:  # a mapping or list setting: the singular flag, once per entry
+            parser.add_argument(
+                str(extra["repeatable_flag"]),
+                _flag(name),
+                dest=name,
+                action="append",
+                default=None,
+                metavar="ENTRY",
+                help=help_text,
+            )
+            continue
         choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
         parser.add_argument(
             _flag(name),

@@ -7,12 +7,13 @@ variable (``LORAPLEX_MAX_LOADED_ADAPTERS``). Flags win over the environment, whi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from adapters.shared_settings import SharedSettings
+from rag.embedder import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL_ALIASES
 
 
 class Settings(SharedSettings):
@@ -56,6 +57,19 @@ class Settings(SharedSettings):
     embedding_model: str | None = Field(
         None, description="sentence-transformers directory for RAG (default: the packaged all-MiniLM-L6-v2)"
     )
+    embedding_aliases: Annotated[dict[str, str], NoDecode] = Field(
+        {},
+        description="another name for the embedding model on /v1/embeddings, ALIAS=MODEL_ID "
+        "(repeatable: --embedding-alias text-embedding-3-small=all-MiniLM-L6-v2; env: a comma list)",
+        json_schema_extra={"repeatable_flag": "--embedding-alias"},
+    )
+    max_embedding_inputs: int = Field(2048, ge=1, description="most inputs in one /v1/embeddings request")
+    max_embedding_tokens: int = Field(
+        65536, ge=1, description="most embedder tokens in one /v1/embeddings request (400 beyond)"
+    )
+    max_embedding_queue_tokens: int = Field(
+        262144, ge=1, description="embedder tokens queued or running; beyond it requests get 429 at once"
+    )
     rag_max_upload_bytes: int = Field(20 << 20, ge=1024, description="largest RAG document or file")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_json: bool = Field(False, description="log one JSON object per line (with request ids)")
@@ -75,6 +89,44 @@ class Settings(SharedSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish"
     )
+
+    @property
+    def embedding_model_id(self) -> str:
+        """The embedding model's public name: the default's, or its directory's name (never a path)."""
+        if self.embedding_model is None or self.embedding_model in DEFAULT_MODEL_ALIASES:
+            return DEFAULT_EMBEDDING_MODEL
+        return Path(self.embedding_model).expanduser().name
+
+    @field_validator("embedding_aliases", mode="before")
+    @classmethod
+    def _parse_aliases(cls, value: object) -> object:
+        """ALIAS=MODEL entries from a comma list (env), a list (repeated flag) or a mapping (config file)."""
+        if isinstance(value, str):
+            value = [item for item in value.split(",") if item.strip()]
+        if not isinstance(value, list):
+            return value
+        aliases: dict[str, str] = {}
+        for item in value:
+            alias, sep, target = str(item).partition("=")
+            if not sep or not alias.strip() or not target.strip():
+                raise ValueError(f"{item!r} is not ALIAS=MODEL_ID")
+            aliases[alias.strip()] = target.strip()
+        return aliases
+
+    @model_validator(mode="after")
+    def _check_embedding_settings(self) -> Settings:
+        model_id = self.embedding_model_id
+        for alias, target in self.embedding_aliases.items():
+            if target != model_id:
+                raise ValueError(f"--embedding-alias {alias}={target}: the embedding model is {model_id!r}")
+            if alias == model_id:
+                raise ValueError(f"--embedding-alias {alias}: that is the model's own name")
+        if self.max_embedding_queue_tokens < self.max_embedding_tokens:
+            raise ValueError(
+                "--max-embedding-queue-tokens must be at least --max-embedding-tokens, "
+                "or a request within the per-request limit could never be queued"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

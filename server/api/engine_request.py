@@ -129,11 +129,13 @@ def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int |
     )
 
 
-def render_chat(state: ServingState, messages: list[dict]) -> list[int]:
+def render_chat(state: ServingState, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Renders messages with the tokenizer's chat template, exactly as training does, and tokenizes."""
     tokenizer = state.base.tokenizer
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's input
         raise APIError(400, f"messages cannot be rendered by the chat template: {e}", param="messages") from e
     return tokenizer(text, add_special_tokens=False)["input_ids"]

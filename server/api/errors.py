@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.errors import AdapterBusy
 from adapters.registry import AdapterChanged, AdapterInUse
 from rag.errors import CollectionExists, DocumentTooLarge, UnsupportedFileType
+from server.api.embeddings.worker import EmbeddingQueueFull, EmbeddingWorkerClosed
 from server.engine.types import EngineUnavailable, GenerationFailed, NonFiniteLogits
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (AdapterBusy, 503),
     (AdapterChanged, 503),
     (AdapterInUse, 409),
+    (EmbeddingQueueFull, 429),
+    (EmbeddingWorkerClosed, 503),
     (CollectionExists, 409),
     (DocumentTooLarge, 413),
     (UnsupportedFileType, 415),

@@ -1,1 +1,1 @@
-"""The model list: ``GET /v1/models``."""
+"""The models the caller may use: ``GET /v1/models`` and ``GET /v1/models/{id}``, tenant-scoped."""

@@ -1,23 +1,22 @@
-"""``GET /v1/models``: the base model and every adapter or cached merge the caller may use."""
+"""``GET /v1/models`` and ``GET /v1/models/{id}``: thin; authenticate, call serving."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api.auth import Caller, may_see_adapter
+from server.api.auth import Caller
 from server.api.deps import State
+from server.api.models.serving import list_models, retrieve_model
 
 router = APIRouter(tags=["openai"])
 
 
 @router.get("/v1/models")
-def list_models(state: State, caller: Caller) -> dict:
-    created = int(state.base.path.stat().st_mtime) if state.base.path.exists() else 0
-    data = [
-        {"id": state.model_id, "object": "model", "created": created, "owned_by": "loraplex", "parent": None}
-    ]
-    names = set(state.store.names()) | {r.name for r in state.registry.resident()}
-    for name in sorted(n for n in names if may_see_adapter(state, caller, n)):
-        entry = {"id": name, "object": "model", "created": created, "owned_by": "loraplex"}
-        data.append({**entry, "parent": state.model_id})
-    return {"object": "list", "data": data}
+def get_models(state: State, caller: Caller) -> dict:
+    return list_models(state, caller)
+
+
+# ``:path`` because an embedding alias may contain '/' (e.g. sentence-transformers/all-MiniLM-L6-v2).
+@router.get("/v1/models/{model_id:path}")
+def get_model(model_id: str, state: State, caller: Caller) -> dict:
+    return retrieve_model(state, caller, model_id)
