@@ -116,8 +116,9 @@ def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int |
     limit = state.settings.max_tokens_limit
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens must be at most {limit}", code="invalid_value", param="max_tokens")
+    logprobs, prompt_logprobs = body.logprob_options()
     return SamplingParams(
-        max_tokens=max_tokens or state.settings.default_max_tokens,
+        max_tokens=state.settings.default_max_tokens if max_tokens is None else max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=max(body.top_k, 0),
@@ -126,7 +127,20 @@ def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int |
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         ignore_eos=body.ignore_eos,
+        logit_bias=_logit_bias(state, body),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
+
+
+def _logit_bias(state: ServingState, body: SamplingFields) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as (token id, bias) pairs; ids outside the model's vocabulary are a 400."""
+    vocab = state.base.model.config.get_text_config().vocab_size
+    pairs = tuple(sorted((int(token), float(bias)) for token, bias in (body.logit_bias or {}).items()))
+    bad = [token for token, _ in pairs if token >= vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="logit_bias")
+    return pairs
 
 
 def render_chat(state: ServingState, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

@@ -22,7 +22,8 @@ from server.api.deps import ServingState
 from server.api.engine_bridge import EngineStream, admit
 from server.api.engine_request import PreparedRequest
 from server.api.errors import error_response
-from server.engine.types import GenerationOutput
+from server.api.logprobs import LogprobFormatter
+from server.engine.types import GenerationOutput, TokenLogprob
 
 
 @dataclass
@@ -34,10 +35,14 @@ class Choice:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     error: BaseException | None = None
-    extra: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def add(self, output: GenerationOutput) -> None:
         self.text += output.text_delta
+        self.logprobs.extend(output.logprobs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         if output.finished:
             self.finish_reason = output.finish_reason
             self.completion_tokens = output.completion_tokens
@@ -77,6 +82,7 @@ class GenerationServing(ABC):
         self.state = state
         self.prepared = prepared
         self.created = int(time.time())
+        self.logprob_format = LogprobFormatter(state.base.tokenizer)
 
     # ------------------------------------------------------------------ what a feature defines
     @abstractmethod
@@ -84,12 +90,24 @@ class GenerationServing(ABC):
         """One entry of the final body's ``choices``."""
 
     @abstractmethod
-    def chunk_choice(self, index: int, text: str | None, finish_reason: str | None, first: bool) -> dict:
-        """One entry of a stream chunk's ``choices`` (``first``: the choice's opening chunk)."""
+    def chunk_choice(
+        self,
+        index: int,
+        text: str | None,
+        finish_reason: str | None,
+        first: bool,
+        logprobs: list[TokenLogprob],
+    ) -> dict:
+        """One entry of a stream chunk's ``choices`` (``first``: the choice's opening chunk), with the
+        logprobs of the tokens it carries."""
 
     def opening_chunks(self) -> bool:
         """Whether every choice opens with an empty chunk (chat sends the assistant role there)."""
         return False
+
+    def first_output_chunk(self, index: int, output: GenerationOutput) -> dict | None:
+        """A chunk to send before a choice's first output (completions' ``echo``), or None."""
+        return None
 
     # ------------------------------------------------------------------ shared
     @property
@@ -146,11 +164,18 @@ class GenerationServing(ABC):
             return error_response(failed)
         return JSONResponse({**self.final_body(choices), **(extra or {})})
 
-    def _chunk(self, index: int, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+    def _chunk(
+        self,
+        index: int,
+        text: str | None,
+        finish_reason: str | None,
+        first: bool = False,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict:
         return {
             **self.base,
             "object": self.chunk_object_name,
-            "choices": [self.chunk_choice(index, text, finish_reason, first)],
+            "choices": [self.chunk_choice(index, text, finish_reason, first, logprobs or [])],
         }
 
     async def _events(
@@ -162,16 +187,22 @@ class GenerationServing(ABC):
             if self.opening_chunks():
                 for i in range(len(choices)):
                     yield sse(self._chunk(i, "", None, first=True))
+            started: set[int] = set()
             async for i, output in outputs:
                 choices[i].add(output)
                 if output.error is not None:
                     yield sse_error(output.error)
                     yield sse("[DONE]")
                     return
-                if output.text_delta:
-                    yield sse(self._chunk(i, output.text_delta, None))
+                if i not in started:
+                    started.add(i)
+                    if (opening := self.first_output_chunk(i, output)) is not None:
+                        yield sse(opening)
+                if output.text_delta or (output.logprobs and not output.finished):
+                    yield sse(self._chunk(i, output.text_delta, None, logprobs=output.logprobs))
                 if output.finished:
-                    yield sse(self._chunk(i, None, output.finish_reason))
+                    final_logprobs = [] if output.text_delta else output.logprobs
+                    yield sse(self._chunk(i, None, output.finish_reason, logprobs=final_logprobs))
         except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
             yield sse_error(e)
             yield sse("[DONE]")

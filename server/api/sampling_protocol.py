@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 20 in chat, 5 in completions)
+MAX_LOGIT_BIAS_ENTRIES = 1024
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a torch generator accepts
 
 
@@ -25,9 +27,6 @@ def check_text(value: str, field: str) -> str:
 # Parameters OpenAI defines that this server does not implement: refused (a 400 naming the field)
 # unless they carry a value that changes nothing. field -> (its no-op values, why it is refused)
 _REFUSED: dict[str, tuple[tuple, str]] = {
-    "logprobs": ((False, 0), "logprobs are not supported by this server yet"),
-    "top_logprobs": ((0,), "top_logprobs are not supported by this server yet"),
-    "logit_bias": (({},), "logit_bias is not supported by this server yet"),
     "best_of": ((1,), "best_of is not supported by this server; use n"),
     "response_format": (
         ({"type": "text"},),
@@ -80,9 +79,9 @@ class SamplingFields(BaseModel):
     user: str | None = None
     store: Any = None
     metadata: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    logit_bias: Any = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit"
+    )
     best_of: Any = None
     response_format: Any = None
     tools: Any = None
@@ -90,6 +89,24 @@ class SamplingFields(BaseModel):
     parallel_tool_calls: bool | None = None
     functions: Any = None
     function_call: Any = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries are allowed")
+        for key, bias in v.items():
+            if not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys must be token ids, got {key[:20]!r}")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
+        return v
+
+    def logprob_options(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token); None where not asked."""
+        return None, None
 
     @field_validator("model", "user")
     @classmethod

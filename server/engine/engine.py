@@ -17,7 +17,7 @@ import torch
 
 from adapters.registry import AdapterRegistry
 from server.engine.runner import ModelRunner, Prefilled
-from server.engine.sampling import make_generator, sample_row
+from server.engine.sampling import make_generator, sample_row, token_logprob
 from server.engine.scheduler import Scheduler, Sequence
 from server.engine.threads import limit_threads
 from server.engine.types import (
@@ -326,7 +326,8 @@ class LLMEngine:
         done, error = None, None
         try:
             done = self.runner.prefill_forward(
-                [(s.request.prompt_token_ids, s.request.adapter_slot) for s in seqs]
+                [(s.request.prompt_token_ids, s.request.adapter_slot) for s in seqs],
+                [s.request.sampling.prompt_logprobs for s in seqs],
             )
         except Exception as e:  # noqa: BLE001 - the engine thread fails the request at fault only
             error = e
@@ -369,17 +370,22 @@ class LLMEngine:
             self.scheduler.join(seq, row)
             self.stats.prompt_tokens += len(seq.request.prompt_token_ids)
         now = time.perf_counter()
-        for (seq, _), (logits, _) in zip(live, results):
+        for (seq, item), (logits, _) in zip(live, results):
             seq.first_token_time = now
+            seq.prompt_logprobs = item.prompt_logprobs
             self._advance(seq, logits)
 
     # ------------------------------------------------------------------ tokens → text
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Samples one row's next token and hands it on; a failure here fails this request only."""
+        params = seq.request.sampling
         try:
-            token = sample_row(
-                logits, seq.output_ids, seq.request.sampling, seq.generator, seq.request.adapter
-            )
+            if params.max_tokens == 0:  # echo with max_tokens 0: the prompt (and its logprobs) only
+                self._finish(seq, "length")
+                return
+            token = sample_row(logits, seq.output_ids, params, seq.generator, seq.request.adapter)
+            if params.logprobs is not None:
+                seq.pending_logprobs.append(token_logprob(logits, token, params.logprobs))
             self._on_token(seq, token)
         except NonFiniteLogits as e:
             logger.warning("request %s: non-finite scores on adapter %s", seq.request_id, seq.request.adapter)
@@ -392,6 +398,8 @@ class LLMEngine:
         params = seq.request.sampling
         self.stats.generated_tokens += 1
         if token in self.eos_token_ids and not params.ignore_eos:
+            if params.logprobs is not None:
+                seq.pending_logprobs.pop()  # the EOS token is not part of the output
             self._finish(seq, "stop", completion_tokens=len(seq.output_ids) + 1)
             return
         seq.output_ids.append(token)
@@ -406,7 +414,7 @@ class LLMEngine:
             if safe_end > len(seq.text_sent):
                 delta = text[len(seq.text_sent) : safe_end]
                 seq.text_sent = text[:safe_end]
-                self._emit(seq, GenerationOutput(seq.request_id, text_delta=delta, token_ids=[token]))
+                self._emit(seq, self._output(seq, text_delta=delta, token_ids=[token]))
 
     def _finish(
         self,
@@ -435,8 +443,8 @@ class LLMEngine:
         self.stats.finished += 1
         self._emit(
             seq,
-            GenerationOutput(
-                seq.request_id,
+            self._output(
+                seq,
                 text_delta=delta,
                 finished=True,
                 finish_reason=reason,
@@ -445,6 +453,12 @@ class LLMEngine:
                 error=error,
             ),
         )
+
+    def _output(self, seq: Sequence, **fields) -> GenerationOutput:
+        """An output of ``seq`` carrying the logprobs gathered since its last one."""
+        logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        return GenerationOutput(seq.request_id, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **fields)
 
     def _emit(self, seq: Sequence, output: GenerationOutput) -> None:
         try:

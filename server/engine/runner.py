@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from adapters.batched_lora import BatchedLoRAModel
 from server.engine.attention import use_engine_attention
 from server.engine.kv_cache import BatchKVCache
+from server.engine.types import TokenLogprob
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Prefilled:
 
     logits: torch.Tensor  # (V,)
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, T, head_dim) K and V
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1..T-1, when asked for
 
 
 class ModelRunner:
@@ -50,9 +52,15 @@ class ModelRunner:
         return self.add_rows(self.prefill_forward(prompts))
 
     @torch.inference_mode()
-    def prefill_forward(self, prompts: list[tuple[list[int], int]]) -> list[Prefilled]:
+    def prefill_forward(
+        self, prompts: list[tuple[list[int], int]], prompt_logprobs: list[int | None] | None = None
+    ) -> list[Prefilled]:
         """The forward pass of :meth:`prefill` alone: touches no batch state, so it may run in another
-        thread while :meth:`decode` runs."""
+        thread while :meth:`decode` runs.
+
+        ``prompt_logprobs[i]`` (None: not asked) is how many alternatives to report for each token of
+        prompt ``i``: the LM head then runs over that prompt's every position, for it alone.
+        """
         lengths = [len(ids) for ids, _ in prompts]
         bounds = [0, *itertools.accumulate(lengths)]
         input_ids = torch.tensor(
@@ -75,13 +83,29 @@ class ModelRunner:
             ).last_hidden_state  # (1, ΣT, H)
         last = hidden[0].index_select(0, cu[1:].long() - 1)  # (n, H), contiguous
         logits = self.lm_head(last)  # (n, V)
+        asked = prompt_logprobs or [None] * len(prompts)
         return [
             Prefilled(
                 logits[i],
                 [(layer.keys[:, :, start:end], layer.values[:, :, start:end]) for layer in cache.layers],
+                None
+                if asked[i] is None
+                else self._prompt_logprobs(hidden[0, start:end], prompts[i][0], asked[i]),
             )
             for i, (start, end) in enumerate(zip(bounds, bounds[1:]))
         ]
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+        """Each prompt token's logprob given the tokens before it (positions 1..T-1), with ``top`` best."""
+        logprobs = torch.log_softmax(self.lm_head(hidden[:-1]).float(), dim=-1)  # (T-1, V)
+        targets = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()  # (T-1,)
+        if top > 0:
+            values, best = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)  # (T-1, top)
+            tops = [tuple(zip(b, v)) for b, v in zip(best.tolist(), values.tolist())]
+        else:
+            tops = [()] * len(chosen)
+        return [TokenLogprob(t, lp, top_) for t, lp, top_ in zip(ids[1:], chosen, tops)]
 
     @torch.inference_mode()
     def add_rows(self, prefilled: list[Prefilled]) -> list[tuple[torch.Tensor, int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.types import NonFiniteLogits, SamplingParams
+from server.engine.types import NonFiniteLogits, SamplingParams, TokenLogprob
 
 
 def apply_penalties(logits: torch.Tensor, output_ids: list[int], params: SamplingParams) -> torch.Tensor:
@@ -22,6 +22,25 @@ def apply_penalties(logits: torch.Tensor, output_ids: list[int], params: Samplin
     return (
         logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
     )
+
+
+def apply_logit_bias(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: adds each token's bias (−100…100) to its logit (one row, (V,))."""
+    if not params.logit_bias:
+        return logits
+    ids = torch.tensor([t for t, _ in params.logit_bias], device=logits.device)
+    bias = torch.tensor([b for _, b in params.logit_bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, bias)
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under one row's raw scores ``(V,)``, with the ``top`` best."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = ()
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(int(token), float(logprobs[token]), best)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -53,7 +72,7 @@ def sample_row(
     logits = logits.float()
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteLogits(adapter)
-    logits = apply_penalties(logits, output_ids, params)
+    logits = apply_logit_bias(apply_penalties(logits, output_ids, params), params)
     if params.greedy:
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)

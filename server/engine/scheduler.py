@@ -26,6 +26,8 @@ class Sequence:
     finished: bool = False
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
+    pending_logprobs: list = field(default_factory=list)  # TokenLogprobs not yet sent
+    prompt_logprobs: list | None = None  # sent with the first output, then None
 
     @property
     def request_id(self) -> str:

@@ -64,6 +64,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # benchmarks fix output lengths with this
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), applied in float32
+    logprobs: int | None = None  # None: none; k >= 0: each sampled token's logprob and the k most likely
+    prompt_logprobs: int | None = None  # likewise for every prompt token after the first (echo)
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +95,16 @@ class GenerationRequest:
         return self.lease.slot
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the row's model (its adapter or merge), before any sampling
+    transform (penalties, bias, temperature, top-k/top-p), and the ``top`` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
 @dataclass
 class GenerationOutput:
     """An update for one request: new text since the last update, and the final state when finished."""
@@ -104,6 +117,8 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last output
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (first output only)
 
 
 @dataclass

@@ -36,15 +36,27 @@ class ChatServing(GenerationServing):
         return {
             "index": index,
             "message": {"role": "assistant", "content": choice.text},
-            "logprobs": None,
+            "logprobs": self._logprobs(choice.logprobs),
             "finish_reason": choice.finish_reason,
         }
 
-    def chunk_choice(self, index: int, text: str | None, finish_reason: str | None, first: bool) -> dict:
+    def chunk_choice(
+        self, index: int, text: str | None, finish_reason: str | None, first: bool, logprobs: list
+    ) -> dict:
         delta: dict = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "index": index,
+            "delta": delta,
+            "logprobs": self._logprobs(logprobs) if logprobs else None,
+            "finish_reason": finish_reason,
+        }
+
+    def _logprobs(self, items: list) -> dict | None:
+        if self.prepared.generations[0].sampling.logprobs is None:
+            return None
+        return {"content": self.logprob_format.chat_content(items), "refusal": None}
 
     def opening_chunks(self) -> bool:
         return True

@@ -88,7 +88,7 @@ def test_conflicting_model_and_adapter(client):
         ({"temperature": -1}, "temperature"),
         ({"n": 100000}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"logprobs": True}, None),
+        ({"logprobs": True, "top_logprobs": 99}, "top_logprobs"),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
