@@ -42,12 +42,17 @@ def _dequantized_nf4(weight: torch.Tensor) -> torch.Tensor:
 
     bitsandbytes (0.50) repacks a ``Linear4bit`` weight in place on AVX512-BF16 CPUs the first time it
     runs in eval mode; the repacked layout is undone on a copy of its state (the inverse mutates it).
+    The repacked block scales are bf16, as the repacked kernel computes with them.
     """
     import bitsandbytes.functional as bnbf
 
     data, state = weight.data, weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        if (
+            state.absmax.dim() == 2
+        ):  # repacked as (in / blocksize, out); the inverse restores it only when nested
+            state.absmax = state.absmax.T.reshape(-1).float()  # (blocks,) in row-major block order
     return bnbf.dequantize_4bit(data, state)
 
 

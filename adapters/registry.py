@@ -182,7 +182,12 @@ class AdapterRegistry:
             weights = loader()  # disk read + validation, outside both locks
             with self.lock, self._table:
                 slot = self._take_slot()
-                self.lora.install(slot, weights)
+                try:
+                    self.lora.install(slot, weights)  # DoRA: may refuse weights that do not fit this base
+                except BaseException:
+                    self.lora.clear(slot)
+                    self._free_slots.append(slot)
+                    raise
                 elapsed = time.perf_counter() - started
                 resident = ResidentAdapter(
                     name, slot, weights, elapsed, pins=int(pin), origin=origin, spec=spec
