@@ -24,7 +24,8 @@ VIRTUAL_TOKEN_PEFT_TYPES = frozenset(
 
 def peft_type_of(config: Mapping) -> str:
     """PEFT's own ``peft_type`` field, upper-cased (``LORA``, ``IA3``, ``PROMPT_TUNING`` …)."""
-    return str(config.get("peft_type", "")).upper()
+    value = config.get("peft_type", "")
+    return str(getattr(value, "value", value)).upper()  # PEFT's own configs hold a PeftType enum
 
 
 def adapter_type(config: Mapping) -> str:

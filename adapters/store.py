@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.errors import AdapterExists, AdapterNameInvalid, AdapterNotFound
+from adapters.peft_types import adapter_type
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class AdapterInfo:
     size_bytes: int
     base_model: str | None
     card: dict | None = field(default=None)
+    peft_type: str | None = None  # lora | rslora | dora | ia3 (adapters.peft_types); None: unreadable config
 
 
 class AdapterStore:
@@ -127,6 +129,7 @@ class AdapterStore:
             size_bytes=size,
             base_model=config.get("base_model_name_or_path"),
             card=self.read_card(name),
+            peft_type=adapter_type(config) if config else None,
         )
 
     def write(self, name: str, files: Mapping[str, bytes], overwrite: bool = False) -> Path:

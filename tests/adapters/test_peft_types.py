@@ -280,3 +280,9 @@ def test_export_refuses_prompt_tuning_with_a_reason(tiny_base_dir, tiny_adapter_
     with pytest.raises(AdapterInvalid, match="PROMPT_TUNING adds virtual tokens"):
         export_merged_model(tiny_base_dir, folder, tmp_path / "out", quantization="none")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_store_describes_each_adapters_type(peft_type_store_dir):
+    """What ``GET /v1/adapters`` prints as ``peft_type``, read from the config without loading weights."""
+    store = AdapterStore(peft_type_store_dir)
+    assert {name: store.describe(name).peft_type for name in TYPES} == TYPES
