@@ -286,3 +286,29 @@ def test_the_store_describes_each_adapters_type(peft_type_store_dir):
     """What ``GET /v1/adapters`` prints as ``peft_type``, read from the config without loading weights."""
     store = AdapterStore(peft_type_store_dir)
     assert {name: store.describe(name).peft_type for name in TYPES} == TYPES
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_dora_norms_use_the_weight_peft_dequantizes(tiny_base_dir, quantization):
+    from peft.utils.integrations import dequantize_module_weight
+
+    from adapters.dora import dequantized_weight
+
+    model = load_base_model(tiny_base_dir, quantization, "cpu", dtype=torch.float32).model
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = model.get_submodule(name)
+        torch.testing.assert_close(dequantized_weight(layer), dequantize_module_weight(layer).float())
+
+
+def test_dora_on_an_int8_base_matches_peft_on_that_base(tiny_base_dir, peft_type_sources):
+    base = load_base_model(tiny_base_dir, "int8", "cpu", dtype=torch.float32)
+    lora = BatchedLoRAModel(base.model, torch.float32)
+    lora.reserve_slots(2)
+    lora.install(1, load_lora_weights("dora", peft_type_sources["dora"], lora.linear_shapes, 64))
+    input_ids = torch.randint(3, 200, (1, 8))
+    with torch.no_grad(), lora.rows([1]):
+        served = base.model(input_ids=input_ids).logits[0]
+        expected = _peft_reference(tiny_base_dir, peft_type_sources["dora"], "int8")(
+            input_ids=input_ids
+        ).logits[0]
+    torch.testing.assert_close(served, expected, rtol=1e-3, atol=1e-3)
