@@ -349,6 +349,10 @@ class BatchedLoRAModel:
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in _EXCLUDED_MODULES
         ]
         self.base_layers: dict[str, nn.Module] = {}  # the wrapped linears, for DoRA's weight norms
+        self.virtual_tokens: dict[int, torch.Tensor] = {}  # slot -> prompt tuning's (n, hidden) embeddings
+        self.hidden_size = (
+            model.get_input_embeddings().embedding_dim if hasattr(model, "get_input_embeddings") else None
+        )
         for name, module in targets:
             bank = LoRABank(module.in_features, module.out_features, dtype, device, module.bias)
             parent_name, _, child = name.rpartition(".")
@@ -366,6 +370,7 @@ class BatchedLoRAModel:
                 raised before any bank is written.
         """
         dora_scales = self.dora_scales(weights)
+        self._install_virtual_tokens(slot, weights)
         for name, bank in self.banks.items():
             module = weights.modules.get(name)
             if module is not None:
@@ -373,6 +378,19 @@ class BatchedLoRAModel:
             elif slot >= bank.num_slots:
                 continue  # nothing to clear, and index_select never reaches an absent slot of this bank
             bank.write(slot, module, dora_scales.get(name))
+
+    def _install_virtual_tokens(self, slot: int, weights: LoRAWeights) -> None:
+        """Prompt tuning: the embeddings the runner prepends to this slot's prompts at prefill."""
+        self.virtual_tokens.pop(slot, None)
+        tokens = weights.virtual_tokens
+        if tokens is None:
+            return
+        if tokens.shape[-1] != self.hidden_size:
+            raise AdapterInvalid(
+                weights.name,
+                [f"prompt embeddings are {tokens.shape[-1]} wide, the base's are {self.hidden_size}"],
+            )
+        self.virtual_tokens[slot] = tokens.to(device=self.device, dtype=self.dtype)
 
     def dora_scales(self, weights: LoRAWeights) -> dict[str, torch.Tensor]:
         """DoRA's ratio ``g = m / ‖W + s·B A‖`` per DoRA module, on the weights this model computes with."""
@@ -393,6 +411,7 @@ class BatchedLoRAModel:
         return scales
 
     def clear(self, slot: int) -> None:
+        self.virtual_tokens.pop(slot, None)
         for bank in self.banks.values():
             if slot < bank.num_slots:
                 bank.write(slot, None)

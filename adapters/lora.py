@@ -20,6 +20,7 @@ from adapters.dora import MAGNITUDE_KEY_RE, check_magnitude
 from adapters.errors import AdapterInvalid
 from adapters.ia3 import IA3Module, check_ia3_config, read_ia3_modules
 from adapters.peft_types import adapter_type, peft_type_of
+from adapters.prompt_tuning import read_virtual_tokens
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE
 
 # PEFT saves keys as "base_model.model.<module>.lora_A.weight" (the adapter name stripped).
@@ -59,6 +60,7 @@ class LoRAWeights:
     name: str
     modules: dict[str, LoRAModule | IA3Module]  # module name in the base model -> weights
     config: dict
+    virtual_tokens: torch.Tensor | None = None  # prompt tuning: (num_virtual_tokens, hidden)
 
     @property
     def peft_type(self) -> str:
@@ -74,7 +76,8 @@ class LoRAWeights:
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
 
     def num_bytes(self) -> int:
-        return sum(m.num_bytes() for m in self.modules.values())
+        extra = self.virtual_tokens.nbytes if self.virtual_tokens is not None else 0
+        return extra + sum(m.num_bytes() for m in self.modules.values())
 
 
 def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
@@ -138,6 +141,8 @@ def load_lora_weights(
         raise AdapterInvalid(name, [f"{CONFIG_FILE} is not a valid JSON object ({e})"]) from e
     if peft_type_of(config) == "IA3":
         return _load_ia3(name, weights_path, config, linear_shapes, dtype)
+    if peft_type_of(config) == "PROMPT_TUNING":
+        return _load_prompt_tuning(name, weights_path, config, dtype)
     _check_config(config, max_rank, problems)
     if problems:
         raise AdapterInvalid(name, problems)
@@ -219,6 +224,15 @@ def _read_tensors(name: str, weights_path: Path) -> dict[str, torch.Tensor]:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterInvalid(name, [f"{WEIGHTS_FILE} is not a readable safetensors file ({e})"]) from e
+
+
+def _load_prompt_tuning(name: str, weights_path: Path, config: dict, dtype: torch.dtype) -> LoRAWeights:
+    """A prompt-tuning adapter (:mod:`adapters.prompt_tuning`); its width is checked at install."""
+    problems: list[str] = []
+    virtual_tokens = read_virtual_tokens(config, _read_tensors(name, weights_path), dtype, problems)
+    if problems:
+        raise AdapterInvalid(name, problems)
+    return LoRAWeights(name=name, modules={}, config=config, virtual_tokens=virtual_tokens)
 
 
 def _load_ia3(

@@ -1,9 +1,10 @@
 """The adapter types the server serves, named once: how a PEFT config says which one it is.
 
 ``lora`` (``ΔW = (α/r) B A``), ``rslora`` (``α/√r``), ``dora`` (LoRA with a learned per-row magnitude,
-https://arxiv.org/abs/2402.09353) and ``ia3`` (learned per-feature scaling of activations,
-https://arxiv.org/abs/2205.05638). The same names are ``loraplex train --method`` choices and what
-``GET /v1/adapters`` shows.
+https://arxiv.org/abs/2402.09353), ``ia3`` (learned per-feature scaling of activations,
+https://arxiv.org/abs/2205.05638) and ``prompt_tuning`` (virtual tokens,
+https://arxiv.org/abs/2104.08691). ``GET /v1/adapters`` shows these names; the first four are also the
+``loraplex train --method`` choices.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ LORA = "lora"
 RSLORA = "rslora"
 DORA = "dora"
 IA3 = "ia3"
-ADAPTER_TYPES = (LORA, RSLORA, DORA, IA3)
+PROMPT_TUNING = "prompt_tuning"  # served (virtual tokens at prefill), not trained here
+ADAPTER_TYPES = (LORA, RSLORA, DORA, IA3)  # the ``loraplex train --method`` choices
 MERGEABLE_TYPES = frozenset({LORA, RSLORA})  # the per-request merge math is LoRA's (B, A) algebra
 # PEFT types that add virtual tokens instead of changing weights: nothing to fold into a base model.
 VIRTUAL_TOKEN_PEFT_TYPES = frozenset(
@@ -35,6 +37,8 @@ def adapter_type(config: Mapping) -> str:
     """
     if peft_type_of(config) == "IA3":
         return IA3
+    if peft_type_of(config) == "PROMPT_TUNING":
+        return PROMPT_TUNING
     if config.get("use_dora"):
         return DORA
     if config.get("use_rslora"):

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import save_random_adapter, save_random_ia3_adapter, save_tiny_base
+from tests.tiny_models import (
+    save_random_adapter,
+    save_random_ia3_adapter,
+    save_random_prompt_tuning_adapter,
+    save_tiny_base,
+)
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -70,12 +75,15 @@ PEFT_TYPE_ADAPTERS = {
 @pytest.fixture(scope="session")
 def peft_type_sources(tiny_base_dir, tmp_path_factory) -> dict[str, Path]:
     """One tiny adapter per servable PEFT type: rsLoRA with rank/alpha patterns, DoRA (plain and
-    rsLoRA), IA³ (feedforward input scaling and output scaling in one adapter)."""
+    rsLoRA), IA³ (feedforward input scaling and output scaling in one adapter), prompt tuning."""
     root = tmp_path_factory.mktemp("peft-types")
     sources = {
         name: save_random_adapter(tiny_base_dir, root / name, **kw) for name, kw in PEFT_TYPE_ADAPTERS.items()
     }
     sources["ia3"] = save_random_ia3_adapter(tiny_base_dir, root / "ia3", seed=14)
+    sources["prompt-tuning"] = save_random_prompt_tuning_adapter(
+        tiny_base_dir, root / "prompt-tuning", seed=15
+    )
     return sources
 
 

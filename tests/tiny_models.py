@@ -105,6 +105,20 @@ def save_random_adapter(
     return out_dir
 
 
+def save_random_prompt_tuning_adapter(
+    base_dir: Path, out_dir: Path, num_virtual_tokens: int = 4, seed: int = 0
+) -> Path:
+    """A PEFT prompt-tuning adapter with random virtual-token embeddings (PEFT's RANDOM init)."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    get_peft_model(model, config).save_pretrained(out_dir)
+    return out_dir
+
+
 def save_random_ia3_adapter(
     base_dir: Path,
     out_dir: Path,

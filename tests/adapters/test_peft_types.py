@@ -18,7 +18,14 @@ from adapters.merging import MergeSpec, merge_lora
 from adapters.registry import AdapterRegistry
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore
 
-TYPES = {"attn-r4": "lora", "rslora-patterns": "rslora", "dora": "dora", "dora-rslora": "dora", "ia3": "ia3"}
+TYPES = {
+    "attn-r4": "lora",
+    "rslora-patterns": "rslora",
+    "dora": "dora",
+    "dora-rslora": "dora",
+    "ia3": "ia3",
+    "prompt-tuning": "prompt_tuning",
+}
 
 
 @pytest.fixture
@@ -235,7 +242,7 @@ def test_a_zero_norm_row_is_refused_at_install_and_frees_its_slot(registry, peft
     assert len(reg._free_slots) == free_before and not reg.is_loaded("dora")
 
 
-@pytest.mark.parametrize("other", ["dora", "ia3"])
+@pytest.mark.parametrize("other", ["dora", "ia3", "prompt-tuning"])
 def test_merges_refuse_dora_and_ia3_parts_by_name(registry, other):
     reg, _ = registry
     parts = [reg.read_weights("attn-r4"), reg.read_weights(other)]
@@ -273,13 +280,50 @@ def test_export_folds_each_type_like_peft_merge_and_unload(tiny_base_dir, peft_t
         )
 
 
-def test_export_refuses_prompt_tuning_with_a_reason(tiny_base_dir, tiny_adapter_sources, tmp_path):
+@pytest.mark.parametrize("kind", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_export_refuses_prompt_and_prefix_tuning_with_a_reason(
+    tiny_base_dir, peft_type_sources, tmp_path, kind
+):
     folder = _broken_copy(
-        tiny_adapter_sources["attn-r4"], tmp_path, edit_config=lambda c: c.update(peft_type="PROMPT_TUNING")
+        peft_type_sources["prompt-tuning"], tmp_path, edit_config=lambda c: c.update(peft_type=kind)
     )
-    with pytest.raises(AdapterInvalid, match="PROMPT_TUNING adds virtual tokens"):
+    with pytest.raises(AdapterInvalid, match=f"{kind} adds virtual tokens"):
         export_merged_model(tiny_base_dir, folder, tmp_path / "out", quantization="none")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_prompt_tuning_adapter_lists_every_problem(registry, peft_type_sources, tmp_path):
+    reg, _ = registry
+
+    def tensors(t):
+        t["prompt_embeddings"] = torch.full((4, 64), float("nan"))
+        t["extra"] = torch.ones(1)
+
+    folder = _broken_copy(peft_type_sources["prompt-tuning"], tmp_path, edit_tensors=tensors)
+    problems = _problems(folder, reg.lora.linear_shapes)
+    assert len(problems) == 2 and "unexpected tensors ['extra']" in problems[0] and "NaN" in problems[1]
+    folder = _broken_copy(
+        peft_type_sources["prompt-tuning"],
+        tmp_path / "cfg",
+        edit_config=lambda c: c.update(num_virtual_tokens=3),
+    )
+    assert _problems(folder, reg.lora.linear_shapes) == [
+        "prompt_embeddings has shape (4, 64), expected (3, 64)"
+    ]
+
+    def wide(t):
+        t["prompt_embeddings"] = torch.ones(4, 32)
+
+    folder = _broken_copy(
+        peft_type_sources["prompt-tuning"],
+        tmp_path / "wide",
+        edit_config=lambda c: c.update(token_dim=32),
+        edit_tensors=wide,
+    )
+    shutil.rmtree(reg.store.root / "prompt-tuning")
+    folder.rename(reg.store.root / "prompt-tuning")
+    with pytest.raises(AdapterInvalid, match="prompt embeddings are 32 wide, the base's are 64"):
+        reg.load("prompt-tuning")
 
 
 def test_the_store_describes_each_adapters_type(peft_type_store_dir):

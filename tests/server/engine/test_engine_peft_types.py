@@ -1,4 +1,4 @@
-"""The engine serves rsLoRA, DoRA and IA³ adapters as PEFT computes them, mixed in one batch with LoRA."""
+"""The engine serves rsLoRA, DoRA, IA³ and prompt-tuning adapters as PEFT computes them, in one batch."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from server.engine.runner import ModelRunner
 from server.engine.types import GenerationRequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-ADAPTERS = [None, "attn-r4", "rslora-patterns", "dora", "dora-rslora", "ia3"]
+ADAPTERS = [None, "attn-r4", "rslora-patterns", "dora", "dora-rslora", "ia3", "prompt-tuning"]
 PROMPTS = [
     "hello world",
     "the quick brown fox",
@@ -25,6 +25,7 @@ PROMPTS = [
     "lorem ipsum dolor sit",
     "x y z",
     "one more prompt here",
+    "pt",
 ]
 
 
@@ -32,7 +33,7 @@ PROMPTS = [
 def engine(tiny_base_dir, peft_type_store_dir):
     base = load_base_model(tiny_base_dir, "none", "cpu", dtype=torch.float32)
     lora = BatchedLoRAModel(base.model, torch.float32)
-    registry = AdapterRegistry(AdapterStore(peft_type_store_dir), lora, max_loaded=6, max_rank=64)
+    registry = AdapterRegistry(AdapterStore(peft_type_store_dir), lora, max_loaded=7, max_rank=64)
     eng = LLMEngine(
         ModelRunner(base.model, lora, base.device),
         registry,
@@ -54,7 +55,8 @@ def _peft_logits(base_dir, source, token_ids: list[int]) -> torch.Tensor:
     if source is not None:
         model = PeftModel.from_pretrained(model, source)
     with torch.no_grad():
-        return model.eval()(input_ids=torch.tensor([token_ids])).logits[0]
+        logits = model.eval()(input_ids=torch.tensor([token_ids])).logits[0]
+    return logits[-len(token_ids) :]  # prompt tuning: PEFT returns the virtual tokens' positions first
 
 
 def test_prefill_and_decode_of_every_type_equal_peft_in_one_mixed_batch(
