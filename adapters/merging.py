@@ -603,8 +603,8 @@ def merge_lora(
 
 
 def _check_lora_family(spec: MergeSpec, by_name: Mapping[str, LoRAWeights]) -> None:
-    """Refuses DoRA and IA³ parts: the merge math combines (B, A) factors, which would drop DoRA's
-    magnitudes and has nothing to combine in an IA³ vector."""
+    """Refuses DoRA, IA³ and prompt-tuning parts: the merge math combines (B, A) factors, which would
+    drop DoRA's magnitudes and has nothing to combine in an IA³ vector or in virtual tokens."""
     for i, (part, _) in enumerate(spec.parts):
         kind = by_name[part].peft_type
         if kind not in MERGEABLE_TYPES:

@@ -51,7 +51,7 @@ class AdapterInfo:
     size_bytes: int
     base_model: str | None
     card: dict | None = field(default=None)
-    peft_type: str | None = None  # lora | rslora | dora | ia3 (adapters.peft_types); None: unreadable config
+    peft_type: str | None = None  # lora, rslora, dora, ia3 or prompt_tuning; None: no readable config
 
 
 class AdapterStore:
