@@ -356,3 +356,60 @@ def test_dora_on_an_int8_base_matches_peft_on_that_base(tiny_base_dir, peft_type
             input_ids=input_ids
         ).logits[0]
     torch.testing.assert_close(served, expected, rtol=1e-3, atol=1e-3)
+
+
+class _Biased(torch.nn.Module):
+    """Two biased linears (Llama has none): DoRA leaves the bias unscaled, IA³ on an output scales it."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 6)
+        self.down = torch.nn.Linear(6, 8)
+
+    def forward(self, x):
+        return self.down(self.up(x))
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3-output", "ia3-feedforward"])
+def test_biased_layers_follow_peft(tmp_path, kind):
+    from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base = _Biased()
+    if kind == "dora":
+        config = LoraConfig(
+            r=2, lora_alpha=4, target_modules=["up", "down"], use_dora=True, init_lora_weights=False
+        )
+    else:
+        feedforward = ["down"] if kind == "ia3-feedforward" else []
+        config = IA3Config(
+            target_modules=["up", "down"], feedforward_modules=feedforward, init_ia3_weights=False
+        )
+    peft_model = get_peft_model(_Biased().requires_grad_(False), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(0.5 + torch.rand_like(param))
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    served = _Biased()
+    served.load_state_dict(base.state_dict())
+    lora = BatchedLoRAModel(served, torch.float32, use_kernel=False)
+    lora.reserve_slots(2)
+    lora.install(1, load_lora_weights(kind, tmp_path / "adapter", lora.linear_shapes, 64))
+    x = torch.randn(3, 1, 8)
+    reference = PeftModel.from_pretrained(_load_like(base), tmp_path / "adapter").eval()
+    with torch.no_grad(), lora.rows([1, 0, 1]):
+        got = served(x)
+        expected = reference(x)
+        plain = base(x)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], plain[1], rtol=1e-6, atol=1e-6)  # the base row is untouched
+    assert not torch.allclose(got[0], plain[0], atol=1e-3)  # the adapter does change its rows
+
+
+def _load_like(base: torch.nn.Module) -> torch.nn.Module:
+    copy = _Biased()
+    copy.load_state_dict(base.state_dict())
+    return copy
