@@ -35,6 +35,9 @@ import torch
 from torch import nn
 
 from adapters import kernels
+from adapters.dora import dequantized_weight, magnitude_scale
+from adapters.errors import AdapterInvalid
+from adapters.ia3 import IA3Module
 from adapters.lora import LoRAModule, LoRAWeights
 
 _EXCLUDED_MODULES = ("lm_head",)
@@ -64,6 +67,7 @@ class LoRABatchState(threading.local):
         self.single_slot = 0
         self.slots: torch.Tensor | None = None  # gather: (B,) slot of each row
         self.row_slots: torch.Tensor | None = None  # (B,) on the CPU, for the compiled kernel
+        self.scale_index: torch.Tensor | None = None  # (B,) per row or (N,) per token: DoRA/IA³ scales
         self.ranges: list[tuple[int, int, int]] = []  # stacked: (slot, first row, end row)
         self.rows = 0
         self.masks: dict[tuple, torch.Tensor] = {}  # stacked: per (slots, ranks) of a bank
@@ -76,7 +80,7 @@ class LoRABatchState(threading.local):
         self.unique_slots = frozenset(slots) - {0}
         if not self.unique_slots:
             return
-        slot_tensor = torch.tensor(slots, dtype=torch.long, device=device)
+        slot_tensor = self.scale_index = torch.tensor(slots, dtype=torch.long, device=device)
         if device is None or device.type == "cpu":
             self.row_slots = slot_tensor
         if len(self.unique_slots) == 1 and 0 not in slots:
@@ -92,11 +96,12 @@ class LoRABatchState(threading.local):
         """One packed row: its tokens ``start:end`` use ``slot`` for each ``(slot, start, end)``."""
         self.clear()
         self.unique_slots = frozenset(slot for slot, _, _ in ranges) - {0}
+        per_token = torch.zeros(max(end for _, _, end in ranges), dtype=torch.long)
+        for slot, start, end in ranges:
+            per_token[start:end] = slot
         if device is None or device.type == "cpu":
-            per_token = torch.zeros(max(end for _, _, end in ranges), dtype=torch.long)
-            for slot, start, end in ranges:
-                per_token[start:end] = slot
             self.row_slots = per_token
+        self.scale_index = per_token.to(device)
         if len(self.unique_slots) == 1 and all(slot for slot, _, _ in ranges):
             self.mode, self.single_slot = "single", ranges[0][0]
         elif self.unique_slots:
@@ -129,13 +134,33 @@ class LoRABatchState(threading.local):
 
 
 class LoRABank:
-    """The stacked weights of one linear layer for every resident adapter slot."""
+    """The stacked weights of one linear layer for every resident adapter slot.
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device):
+    Besides LoRA's A and Bᵀ, each slot has an input scale (IA³ on a feedforward module) and an output
+    scale (IA³'s output vector, or DoRA's ratio ``g``), 1 where its adapter has none, so one layer
+    holds LoRA, DoRA and IA³ adapters in different slots at once. ``out_shift`` keeps DoRA's bias
+    unscaled on a layer with a bias: ``g ⊙ (W x + b + ΔW x) + (1 - g) ⊙ b``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        bias: torch.Tensor | None = None,
+    ):
         self.in_features = in_features
         self.out_features = out_features
+        self.bias = None if bias is None else bias.detach()
         self.lora_A = torch.zeros(1, 0, in_features, dtype=dtype, device=device)  # (S, r, in)
         self.lora_B = torch.zeros(1, 0, out_features, dtype=dtype, device=device)  # (S, r, out): Bᵀ
+        self.in_scale = torch.ones(1, in_features, dtype=dtype, device=device)  # (S, in)
+        self.out_scale = torch.ones(1, out_features, dtype=dtype, device=device)  # (S, out)
+        self.out_shift = torch.zeros(1, out_features, dtype=dtype, device=device)  # (S, out)
+        self.input_scaled_slots: set[int] = set()
+        self.output_scaled_slots: set[int] = set()
+        self.shifted_slots: set[int] = set()
         self.active_slots: set[int] = set()
         self.ranks: dict[int, int] = {}  # slot -> the rank of the adapter it holds
         self.rank_of = torch.zeros(1, dtype=torch.int32)  # the same per slot, for the compiled kernel
@@ -160,19 +185,60 @@ class LoRABank:
         lora_B[: self.num_slots, : self.rank] = self.lora_B
         rank_of = torch.zeros(new_slots, dtype=torch.int32)
         rank_of[: self.num_slots] = self.rank_of
+        self.in_scale = _grown(self.in_scale, new_slots, fill=1.0)
+        self.out_scale = _grown(self.out_scale, new_slots, fill=1.0)
+        self.out_shift = _grown(self.out_shift, new_slots, fill=0.0)
         self.lora_A, self.lora_B, self.rank_of = lora_A, lora_B, rank_of
         self.version += 1
 
-    def write(self, slot: int, module: LoRAModule | None) -> None:
-        """Puts ``module`` into ``slot`` (the scaling folded into B), or clears the slot."""
+    def write(
+        self, slot: int, module: LoRAModule | IA3Module | None, dora_scale: torch.Tensor | None = None
+    ) -> None:
+        """Puts ``module`` into ``slot`` (the scaling folded into B), or clears the slot.
+
+        Args:
+            slot: the slot to write.
+            module: a LoRA/DoRA module, an IA³ module, or None to clear the slot.
+            dora_scale: DoRA's ``(out,)`` ratio ``g`` for this layer (see :mod:`adapters.dora`).
+        """
+        self._clear(slot)
+        if isinstance(module, IA3Module):
+            self._write_ia3(slot, module)
+        elif module is not None:
+            self._write_lora(slot, module, dora_scale)
+
+    def _clear(self, slot: int) -> None:
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
-        self.active_slots.discard(slot)
+        self.in_scale[slot].fill_(1.0)
+        self.out_scale[slot].fill_(1.0)
+        self.out_shift[slot].zero_()
+        for slots in (
+            self.active_slots,
+            self.input_scaled_slots,
+            self.output_scaled_slots,
+            self.shifted_slots,
+        ):
+            slots.discard(slot)
         self.ranks.pop(slot, None)
         self.rank_of[slot] = 0
         self.version += 1
-        if module is None:
-            return
+
+    def _write_ia3(self, slot: int, module: IA3Module) -> None:
+        if module.feedforward:
+            self.in_scale[slot] = module.vector.to(self.in_scale)
+            self.input_scaled_slots.add(slot)
+        else:
+            self.out_scale[slot] = module.vector.to(self.out_scale)
+            self.output_scaled_slots.add(slot)
+
+    def _write_lora(self, slot: int, module: LoRAModule, dora_scale: torch.Tensor | None) -> None:
+        if dora_scale is not None:
+            self.out_scale[slot] = dora_scale.to(self.out_scale)
+            self.output_scaled_slots.add(slot)
+            if self.bias is not None:
+                self.out_shift[slot] = ((1.0 - dora_scale.float()) * self.bias.float()).to(self.out_shift)
+                self.shifted_slots.add(slot)
         r = self.ranks[slot] = module.rank
         self.rank_of[slot] = r
         self.lora_A[slot, :r] = module.lora_A.to(self.lora_A)
@@ -180,8 +246,20 @@ class LoRABank:
         self.active_slots.add(slot)
 
 
+def _grown(table: torch.Tensor, num_slots: int, fill: float) -> torch.Tensor:
+    """``table`` (S, F) with rows appended up to ``num_slots``, the new ones set to ``fill``."""
+    grown = table.new_full((num_slots, table.shape[1]), fill)
+    grown[: table.shape[0]] = table
+    return grown
+
+
 class BatchedLoRALinear(nn.Module):
-    """Wraps a base linear layer (plain, NF4 or int8) and adds each row's own adapter delta."""
+    """Wraps a base linear layer (plain, NF4 or int8) and applies each row's own adapter.
+
+    Per row: ``y = (base(x ⊙ l_in) + ΔW x) ⊙ g_out + shift``, where ``l_in`` is IA³'s input vector,
+    ``ΔW`` LoRA's delta and ``g_out`` IA³'s output vector or DoRA's ratio; each is the identity for
+    slots that do not use it, and each step runs only when a row of the pass needs it.
+    """
 
     def __init__(self, base: nn.Module, bank: LoRABank, state: LoRABatchState, kernel=None):
         super().__init__()
@@ -191,10 +269,31 @@ class BatchedLoRALinear(nn.Module):
         self.kernel = kernel  # the compiled CPU op (adapters.kernels.bgmv), or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         state, bank = self.state, self.bank
-        if not state.unique_slots or bank.active_slots.isdisjoint(state.unique_slots):
-            return y
+        unique = state.unique_slots
+        if not unique:
+            return self.base(x)
+        scaled_input = not bank.input_scaled_slots.isdisjoint(unique)
+        y = self.base(self._per_slot(x, bank.in_scale) if scaled_input else x)
+        if not bank.active_slots.isdisjoint(unique):
+            y = self._add_lora(x, y)
+        if not bank.output_scaled_slots.isdisjoint(unique):
+            y = self._per_slot(y, bank.out_scale)
+            if not bank.shifted_slots.isdisjoint(unique):
+                y = self._per_slot(y, bank.out_shift, add=True)
+        return y
+
+    def _per_slot(self, t: torch.Tensor, table: torch.Tensor, add: bool = False) -> torch.Tensor:
+        """``t ⊙ table[slot]`` (or ``t + table[slot]``) for each row's or token's slot, one vectorized op."""
+        index = self.state.scale_index  # (K,): K rows of T tokens, or K = N tokens of one packed row
+        rows = table.index_select(0, index).to(t.dtype)  # (K, F)
+        t3 = t.reshape(index.shape[0], -1, t.shape[-1])  # (K, T, F)
+        out = t3 + rows[:, None, :] if add else t3 * rows[:, None, :]
+        return out.view(t.shape)
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + B[s] A[s] x`` per row or token, by the compiled kernel or the pass's PyTorch mode."""
+        state, bank = self.state, self.bank
         x2 = x.reshape(-1, x.shape[-1]).to(bank.lora_A.dtype)  # (N, in): every token of every row
         rows = state.row_slots
         if (
@@ -249,25 +348,70 @@ class BatchedLoRAModel:
             for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in _EXCLUDED_MODULES
         ]
+        self.base_layers: dict[str, nn.Module] = {}  # the wrapped linears, for DoRA's weight norms
+        self.virtual_tokens: dict[int, torch.Tensor] = {}  # slot -> prompt tuning's (n, hidden) embeddings
+        self.hidden_size = (
+            model.get_input_embeddings().embedding_dim if hasattr(model, "get_input_embeddings") else None
+        )
         for name, module in targets:
-            bank = LoRABank(module.in_features, module.out_features, dtype, device)
+            bank = LoRABank(module.in_features, module.out_features, dtype, device, module.bias)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, BatchedLoRALinear(module, bank, self.state, self.kernel))
             self.banks[name] = bank
+            self.base_layers[name] = module
             self.linear_shapes[name] = (module.in_features, module.out_features)
 
     def install(self, slot: int, weights: LoRAWeights) -> None:
-        """Writes an adapter into ``slot`` of every bank (modules it does not target get zeros)."""
+        """Writes an adapter into ``slot`` of every bank (modules it does not target get zeros).
+
+        Raises:
+            AdapterInvalid: a DoRA module whose ratio is not finite on this base (a zero-norm row);
+                raised before any bank is written.
+        """
+        dora_scales = self.dora_scales(weights)
+        self._install_virtual_tokens(slot, weights)
         for name, bank in self.banks.items():
             module = weights.modules.get(name)
             if module is not None:
                 bank.reserve(slot + 1, module.rank)
             elif slot >= bank.num_slots:
                 continue  # nothing to clear, and index_select never reaches an absent slot of this bank
-            bank.write(slot, module)
+            bank.write(slot, module, dora_scales.get(name))
+
+    def _install_virtual_tokens(self, slot: int, weights: LoRAWeights) -> None:
+        """Prompt tuning: the embeddings the runner prepends to this slot's prompts at prefill."""
+        self.virtual_tokens.pop(slot, None)
+        tokens = weights.virtual_tokens
+        if tokens is None:
+            return
+        if tokens.shape[-1] != self.hidden_size:
+            raise AdapterInvalid(
+                weights.name,
+                [f"prompt embeddings are {tokens.shape[-1]} wide, the base's are {self.hidden_size}"],
+            )
+        self.virtual_tokens[slot] = tokens.to(device=self.device, dtype=self.dtype)
+
+    def dora_scales(self, weights: LoRAWeights) -> dict[str, torch.Tensor]:
+        """DoRA's ratio ``g = m / ‖W + s·B A‖`` per DoRA module, on the weights this model computes with."""
+        scales: dict[str, torch.Tensor] = {}
+        problems: list[str] = []
+        for name, module in weights.modules.items():
+            if not isinstance(module, LoRAModule) or module.magnitude is None:
+                continue
+            with torch.no_grad():
+                scale = magnitude_scale(dequantized_weight(self.base_layers[name]), module)  # (out,)
+            if not torch.isfinite(scale).all():
+                problems.append(
+                    f"{name}: DoRA's magnitude ratio is not finite on this base (a zero-norm row)"
+                )
+            scales[name] = scale
+        if problems:
+            raise AdapterInvalid(weights.name, problems)
+        return scales
 
     def clear(self, slot: int) -> None:
+        self.virtual_tokens.pop(slot, None)
         for bank in self.banks.values():
             if slot < bank.num_slots:
                 bank.write(slot, None)

@@ -3,11 +3,15 @@
 For users who deploy one adapter elsewhere: the result loads with plain
 ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)``, no PEFT and no loraplex needed.
 
-The fold happens in float32 on the full-precision base (``W += scaling · B @ A``), then the model is
-cast to the export dtype. The server, though, serves the adapter *unmerged* on a quantized base
-(NF4 or int8), so the exported model cannot reproduce the served outputs exactly: the export
-measures by how much (max |logit difference| on a few prompts) and says so, as PEFT warns when it
-merges into a quantized layer.
+The fold happens in float32 on the full-precision base, as PEFT's ``merge_and_unload`` does it: LoRA and
+rsLoRA ``W += s·B A``; DoRA ``W ← m ⊙ (W + s·B A) / ‖W + s·B A‖``; IA³ ``W ← W ⊙ l`` (columns for a
+feedforward module, rows and bias otherwise); then the model is cast to the export dtype. Prompt and
+prefix tuning add virtual tokens, not weights, and are refused.
+
+The server, though, serves the adapter *unmerged* on a quantized base (NF4 or int8), so the exported
+model cannot reproduce the served outputs exactly: the export measures by how much (max |logit
+difference| on a few prompts, through the server's own batched adapter layers) and says so, as PEFT
+warns when it merges into a quantized layer.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ import torch
 from torch import nn
 
 from adapters.base_model import QUANTIZATIONS, BaseModelError, load_base_model
-from adapters.lora import LoRAWeights, load_lora_weights
+from adapters.batched_lora import BatchedLoRAModel
+from adapters.dora import fold_dora
+from adapters.errors import AdapterInvalid
+from adapters.ia3 import IA3Module, fold_ia3
+from adapters.lora import LoRAModule, LoRAWeights, load_lora_weights
+from adapters.peft_types import VIRTUAL_TOKEN_PEFT_TYPES, peft_type_of
+from adapters.store import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +127,7 @@ def export_merged_model(
         raise BaseModelError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite to replace it")
+    _refuse_virtual_tokens(adapter_dir, adapter_name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
@@ -137,17 +148,45 @@ def export_merged_model(
 
 
 def fold_lora(model: nn.Module, weights: LoRAWeights) -> int:
-    """Adds ``scaling · B @ A`` to the weight of each linear layer the adapter targets, in place.
+    """Folds the adapter into the weight (and, for IA³ on an output, the bias) of each layer it targets.
 
-    The delta is computed in float32 and rounded once into the layer's dtype. Returns the number of
-    layers changed.
+    The folded weight is computed in float32 and rounded once into the layer's dtype. Returns the
+    number of layers changed.
     """
     with torch.no_grad():
         for name, module in weights.modules.items():
             linear = model.get_submodule(name)
-            delta = module.delta_weight().to(linear.weight.device)  # (out, in), float32
-            linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
+            weight, bias = _folded(linear, module)
+            linear.weight.copy_(weight.to(linear.weight.dtype))
+            if bias is not None and linear.bias is not None:
+                linear.bias.copy_(bias.to(linear.bias.dtype))
     return len(weights.modules)
+
+
+def _folded(linear: nn.Module, module: LoRAModule | IA3Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's ``(out, in)`` float32 weight (and changed bias, or None) with ``module`` folded in."""
+    if isinstance(module, IA3Module):
+        return fold_ia3(linear.weight, linear.bias, module)
+    if module.magnitude is not None:
+        return fold_dora(linear.weight, module), None
+    return linear.weight.float() + module.delta_weight().to(linear.weight.device), None  # (out, in)
+
+
+def _refuse_virtual_tokens(adapter_dir: Path, adapter_name: str) -> None:
+    """Prompt/prefix tuning cannot be folded into weights: say so before anything is loaded."""
+    try:
+        config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return  # the loader reports a missing or broken config with every other problem
+    kind = peft_type_of(config) if isinstance(config, dict) else ""
+    if kind in VIRTUAL_TOKEN_PEFT_TYPES:
+        raise AdapterInvalid(
+            adapter_name,
+            [
+                f"{kind} adds virtual tokens to the prompt instead of changing weights, so it cannot be "
+                "merged into a standalone model; serve it instead"
+            ],
+        )
 
 
 def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -197,13 +236,12 @@ def _compare_with_served(
     gc.collect()
 
     served = load_base_model(base_model_dir, quantization=quantization, device="cpu")
-    handles = _attach_unmerged(served.model, weights)
-    try:
+    lora = BatchedLoRAModel(served.model, next(served.model.parameters()).dtype)  # the server's own layers
+    lora.reserve_slots(2)
+    lora.install(1, weights)
+    with lora.rows([1]):
         served_logits = [_logits(served.model, tokenizer, p) for p in prompts]
-    finally:
-        for handle in handles:
-            handle.remove()
-    del served
+    del served, lora
     gc.collect()
 
     per_prompt = [(a - b).abs().max().item() for a, b in zip(served_logits, exported_logits)]
@@ -221,27 +259,6 @@ def _compare_with_served(
         top1_agreement=agree / positions if positions else 1.0,
         prompts=prompts,
     )
-
-
-def _attach_unmerged(model: nn.Module, weights: LoRAWeights) -> list[torch.utils.hooks.RemovableHandle]:
-    """Adds ``scaling · B (A x)`` to each targeted layer's output, as the server applies an adapter."""
-
-    def hook_for(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
-        def add_lora(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = inputs[0].to(lora_A.dtype)  # (B, T, in)
-            return output + (scaling * ((x @ lora_A.T) @ lora_B.T)).to(output.dtype)  # (B, T, out)
-
-        return add_lora
-
-    handles = []
-    for name, module in weights.modules.items():
-        layer = model.get_submodule(name)
-        handles.append(
-            layer.register_forward_hook(
-                hook_for(module.lora_A.float(), module.lora_B.float(), module.scaling)
-            )
-        )
-    return handles
 
 
 @torch.no_grad()

@@ -16,14 +16,17 @@ from pathlib import Path
 
 import torch
 
+from adapters.dora import MAGNITUDE_KEY_RE, check_magnitude
 from adapters.errors import AdapterInvalid
+from adapters.ia3 import IA3Module, check_ia3_config, read_ia3_modules
+from adapters.peft_types import adapter_type, peft_type_of
+from adapters.prompt_tuning import read_virtual_tokens
 from adapters.safe_files import UnsafeFile, check_regular_file, read_json_object
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE
 
 # PEFT saves keys as "base_model.model.<module>.lora_A.weight" (the adapter name stripped).
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_CONFIG = {
-    "use_dora": "DoRA adapters are not supported",
     "modules_to_save": "adapters with modules_to_save (full extra layers) are not supported",
     "layers_to_transform": None,  # handled through the weights actually present
 }
@@ -36,11 +39,13 @@ MAX_PATTERN_KEY_CHARS = 256  # one pattern (a regular expression over module nam
 
 @dataclass(frozen=True)
 class LoRAModule:
-    """One adapted linear layer: ``ΔW = scaling · B @ A``."""
+    """One adapted linear layer: ``ΔW = scaling · B @ A``; with ``magnitude``, a DoRA layer
+    (``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖``, see :mod:`adapters.dora`)."""
 
     lora_A: torch.Tensor  # (r, in_features)
     lora_B: torch.Tensor  # (out_features, r)
     scaling: float
+    magnitude: torch.Tensor | None = None  # DoRA: (out_features,)
 
     @property
     def rank(self) -> int:
@@ -49,14 +54,24 @@ class LoRAModule:
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
 
+    def num_bytes(self) -> int:
+        extra = self.magnitude.nbytes if self.magnitude is not None else 0
+        return self.lora_A.nbytes + self.lora_B.nbytes + extra
+
 
 @dataclass
 class LoRAWeights:
     """A whole adapter: its name, the config it came with and its per-module weights."""
 
     name: str
-    modules: dict[str, LoRAModule]  # module name in the base model -> weights
+    modules: dict[str, LoRAModule | IA3Module]  # module name in the base model -> weights
     config: dict
+    virtual_tokens: torch.Tensor | None = None  # prompt tuning: (num_virtual_tokens, hidden)
+
+    @property
+    def peft_type(self) -> str:
+        """``lora``, ``rslora``, ``dora`` or ``ia3`` (:mod:`adapters.peft_types`)."""
+        return adapter_type(self.config)
 
     @property
     def rank(self) -> int:
@@ -67,7 +82,8 @@ class LoRAWeights:
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
 
     def num_bytes(self) -> int:
-        return sum(m.lora_A.nbytes + m.lora_B.nbytes for m in self.modules.values())
+        extra = self.virtual_tokens.nbytes if self.virtual_tokens is not None else 0
+        return extra + sum(m.num_bytes() for m in self.modules.values())
 
 
 def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
@@ -186,8 +202,6 @@ def load_lora_weights(
     Raises:
         AdapterInvalid: listing every problem found.
     """
-    from safetensors import SafetensorError, safe_open
-
     problems: list[str] = []
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.exists() and not weights_path.is_symlink():
@@ -201,21 +215,26 @@ def load_lora_weights(
         raise AdapterInvalid(name, [str(e)]) from e
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise AdapterInvalid(name, [f"{CONFIG_FILE} is not a valid JSON object ({e})"]) from e
+    if peft_type_of(config) == "IA3":
+        return _load_ia3(name, weights_path, config, linear_shapes, dtype)
+    if peft_type_of(config) == "PROMPT_TUNING":
+        return _load_prompt_tuning(name, weights_path, config, dtype)
     _check_config(config, max_rank, problems)
     if problems:
         raise AdapterInvalid(name, problems)
 
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                match = _KEY_RE.match(key)
-                if match is None:
-                    problems.append(f"unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
-                    continue
-                tensors.setdefault(match["module"], {})[match["which"]] = f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterInvalid(name, [f"{WEIGHTS_FILE} is not a readable safetensors file ({e})"]) from e
+    tensors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A", "B", and "m" for DoRA}
+    for key, tensor in _read_tensors(name, weights_path).items():
+        match = _KEY_RE.match(key)
+        magnitude = MAGNITUDE_KEY_RE.match(key)
+        if match is not None:
+            tensors.setdefault(match["module"], {})[match["which"]] = tensor
+        elif magnitude is not None:
+            tensors.setdefault(magnitude["module"], {})["m"] = tensor
+        else:
+            problems.append(
+                f"unexpected tensor {key!r} (only lora_A/lora_B weights and DoRA magnitudes are supported)"
+            )
 
     if not tensors and not problems:
         problems.append("the adapter holds no LoRA weights")
@@ -226,7 +245,7 @@ def load_lora_weights(
         if module not in linear_shapes:
             problems.append(f"target module {module!r} is not a linear layer of the base model")
             continue
-        if set(pair) != {"A", "B"}:
+        if set(pair) - {"m"} != {"A", "B"}:
             problems.append(f"{module}: needs both lora_A and lora_B")
             continue
         in_features, out_features = linear_shapes[module]
@@ -244,16 +263,71 @@ def load_lora_weights(
         if rank > max_rank:
             problems.append(f"{module}: rank {rank} exceeds the server's maximum rank {max_rank}")
             continue
+        magnitude = pair.get("m")
+        dora_problem = _dora_problem(config, module, magnitude, out_features)
+        if dora_problem:
+            problems.append(dora_problem)
+            continue
         alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         problem = module_problem(module, lora_A, lora_B, scaling)
         if problem is not None:
             problems.append(problem)
             continue
-        modules[module] = LoRAModule(lora_A.to(dtype), lora_B.to(dtype), scaling)
+        magnitude = magnitude.float() if magnitude is not None else None  # DoRA's ratio is taken in fp32
+        modules[module] = LoRAModule(lora_A.to(dtype), lora_B.to(dtype), scaling, magnitude)
     if problems:
         raise AdapterInvalid(name, problems)
     return LoRAWeights(name=name, modules=modules, config=config)
+
+
+def _dora_problem(config: dict, module: str, magnitude: torch.Tensor | None, out_features: int) -> str | None:
+    """Whether a module's DoRA magnitude agrees with the config's ``use_dora`` and the layer's shape."""
+    if config.get("use_dora"):
+        if magnitude is None:
+            return f"{module}: use_dora is set but the module has no lora_magnitude_vector"
+        return check_magnitude(module, magnitude, out_features)
+    if magnitude is not None:
+        return f"{module}: holds a DoRA lora_magnitude_vector but use_dora is not set"
+    return None
+
+
+def _read_tensors(name: str, weights_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file by key (safetensors never runs code, unlike pickle)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterInvalid(name, [f"{WEIGHTS_FILE} is not a readable safetensors file ({e})"]) from e
+
+
+def _load_prompt_tuning(name: str, weights_path: Path, config: dict, dtype: torch.dtype) -> LoRAWeights:
+    """A prompt-tuning adapter (:mod:`adapters.prompt_tuning`); its width is checked at install."""
+    problems: list[str] = []
+    virtual_tokens = read_virtual_tokens(config, _read_tensors(name, weights_path), dtype, problems)
+    if problems:
+        raise AdapterInvalid(name, problems)
+    return LoRAWeights(name=name, modules={}, config=config, virtual_tokens=virtual_tokens)
+
+
+def _load_ia3(
+    name: str,
+    weights_path: Path,
+    config: dict,
+    linear_shapes: Mapping[str, tuple[int, int]],
+    dtype: torch.dtype,
+) -> LoRAWeights:
+    """An IA³ adapter (:mod:`adapters.ia3`), validated with every problem collected."""
+    problems: list[str] = []
+    check_ia3_config(config, problems)
+    if problems:
+        raise AdapterInvalid(name, problems)
+    modules = read_ia3_modules(config, _read_tensors(name, weights_path), linear_shapes, dtype, problems)
+    if problems:
+        raise AdapterInvalid(name, problems)
+    return LoRAWeights(name=name, modules=dict(modules), config=config)
 
 
 def save_lora_weights(weights: LoRAWeights, folder: Path, base_model: str | None = None) -> None:

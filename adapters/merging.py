@@ -45,6 +45,7 @@ import torch
 
 from adapters.errors import MergeSpecInvalid
 from adapters.lora import LoRAModule, LoRAWeights, module_problem
+from adapters.peft_types import MERGEABLE_TYPES
 from adapters.store import MERGED_PREFIX as MERGED_NAME_PREFIX
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune", "svd")
@@ -585,6 +586,7 @@ def merge_lora(
     missing = [n for n, _ in spec.parts if n not in by_name]
     if missing:
         raise ValueError(f"merge_lora was not given the adapters {missing}")
+    _check_lora_family(spec, by_name)
     ordered = [(by_name[n], w) for n, w in spec.canonical_parts]
     strategy = build_strategy(spec, [a for a, _ in ordered])
     per_module = _contributions_per_module(ordered)
@@ -609,6 +611,19 @@ def merge_lora(
         )
         raise MergeSpecInvalid(spec.fields.parts, f"the merged adapter cannot be served: {listed}")
     return LoRAWeights(name=name, modules=modules, config=_merged_config(ordered[0][0].config, modules))
+
+
+def _check_lora_family(spec: MergeSpec, by_name: Mapping[str, LoRAWeights]) -> None:
+    """Refuses DoRA, IA³ and prompt-tuning parts: the merge math combines (B, A) factors, which would
+    drop DoRA's magnitudes and has nothing to combine in an IA³ vector or in virtual tokens."""
+    for i, (part, _) in enumerate(spec.parts):
+        kind = by_name[part].peft_type
+        if kind not in MERGEABLE_TYPES:
+            raise MergeSpecInvalid(
+                spec.fields.part_name.format(i=i),
+                f"adapter '{part}' is a {kind} adapter; only LoRA and rsLoRA adapters can be merged",
+                part,
+            )
 
 
 def _contributions_per_module(ordered: list[tuple[LoRAWeights, float]]) -> dict[str, list[Contribution]]:

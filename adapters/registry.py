@@ -238,7 +238,12 @@ class AdapterRegistry:
                 if versions and any(self._versions.get(p, 0) != v for p, v in versions.items()):
                     return None  # a part changed while we computed: these weights are stale
                 slot = self._take_slot()
-                self.lora.install(slot, weights)
+                try:
+                    self.lora.install(slot, weights)  # DoRA: may refuse weights that do not fit this base
+                except BaseException:
+                    self.lora.clear(slot)
+                    self._free_slots.append(slot)
+                    raise
                 elapsed = time.perf_counter() - started
                 resident = ResidentAdapter(
                     name, slot, weights, elapsed, pins=int(pin), origin=origin, spec=spec, parts=parts

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.errors import AdapterExists, AdapterNameInvalid, AdapterNotFound
+from adapters.peft_types import adapter_type
 from adapters.safe_files import read_json_object
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class AdapterInfo:
     size_bytes: int
     base_model: str | None
     card: dict | None = field(default=None)
+    peft_type: str | None = None  # lora, rslora, dora, ia3 or prompt_tuning; None: no readable config
 
 
 class AdapterStore:
@@ -124,6 +126,7 @@ class AdapterStore:
             size_bytes=size,
             base_model=config.get("base_model_name_or_path"),
             card=self.read_card(name),
+            peft_type=adapter_type(config) if config else None,
         )
 
     def write(self, name: str, files: Mapping[str, bytes], overwrite: bool = False) -> Path:

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import save_random_adapter, save_tiny_base
+from tests.tiny_models import (
+    save_random_adapter,
+    save_random_ia3_adapter,
+    save_random_prompt_tuning_adapter,
+    save_tiny_base,
+)
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -39,5 +44,54 @@ def adapter_store_dir(tmp_path, tiny_adapter_sources) -> Path:
     store = tmp_path / "adapters"
     store.mkdir()
     for name, src in tiny_adapter_sources.items():
+        shutil.copytree(src, store / name)
+    return store
+
+
+# name -> LoraConfig options: one adapter of each servable type (IA³ is built by its own helper).
+PEFT_TYPE_ADAPTERS = {
+    "rslora-patterns": dict(
+        rank=4,
+        alpha=8.0,
+        target_modules=ALL_LINEAR,
+        seed=11,
+        use_rslora=True,
+        rank_pattern={"k_proj": 2, "layers.1.mlp.down_proj": 6},
+        alpha_pattern={"v_proj": 3.0, "gate_proj": 12.0},
+    ),
+    "dora": dict(rank=4, alpha=8.0, target_modules=ALL_LINEAR, seed=12, use_dora=True),
+    "dora-rslora": dict(
+        rank=8,
+        alpha=4.0,
+        target_modules=("q_proj", "o_proj", "up_proj"),
+        seed=13,
+        use_dora=True,
+        use_rslora=True,
+        rank_pattern={"o_proj": 2},
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def peft_type_sources(tiny_base_dir, tmp_path_factory) -> dict[str, Path]:
+    """One tiny adapter per servable PEFT type: rsLoRA with rank/alpha patterns, DoRA (plain and
+    rsLoRA), IA³ (feedforward input scaling and output scaling in one adapter), prompt tuning."""
+    root = tmp_path_factory.mktemp("peft-types")
+    sources = {
+        name: save_random_adapter(tiny_base_dir, root / name, **kw) for name, kw in PEFT_TYPE_ADAPTERS.items()
+    }
+    sources["ia3"] = save_random_ia3_adapter(tiny_base_dir, root / "ia3", seed=14)
+    sources["prompt-tuning"] = save_random_prompt_tuning_adapter(
+        tiny_base_dir, root / "prompt-tuning", seed=15
+    )
+    return sources
+
+
+@pytest.fixture
+def peft_type_store_dir(tmp_path, tiny_adapter_sources, peft_type_sources) -> Path:
+    """A fresh store holding the tiny LoRA adapters and one adapter of each PEFT type."""
+    store = tmp_path / "adapters"
+    store.mkdir()
+    for name, src in {**tiny_adapter_sources, **peft_type_sources}.items():
         shutil.copytree(src, store / name)
     return store

@@ -73,8 +73,14 @@ def save_random_adapter(
     alpha: float = 8.0,
     target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
     seed: int = 0,
+    **lora_options,
 ) -> Path:
-    """A PEFT LoRA adapter with random (non-zero) A and B, saved as PEFT does."""
+    """A PEFT LoRA adapter with random (non-zero) A and B, saved as PEFT does.
+
+    ``lora_options`` go to ``LoraConfig`` (``use_rslora``, ``rank_pattern``, ``alpha_pattern``,
+    ``use_dora``). A DoRA adapter's magnitudes are rescaled per row by a random factor in [0.5, 1.5], so
+    that they are not PEFT's identity init (``m = ‖W + ΔW‖``).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -86,11 +92,51 @@ def save_random_adapter(
         target_modules=list(target_modules),
         init_lora_weights=False,
         lora_dropout=0.0,
+        **lora_options,
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # make the delta large enough to change greedy outputs
         for name, param in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                param.mul_(0.5 + torch.rand_like(param))
+            elif "lora_" in name:
                 param.mul_(3.0)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_random_prompt_tuning_adapter(
+    base_dir: Path, out_dir: Path, num_virtual_tokens: int = 4, seed: int = 0
+) -> Path:
+    """A PEFT prompt-tuning adapter with random virtual-token embeddings (PEFT's RANDOM init)."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    get_peft_model(model, config).save_pretrained(out_dir)
+    return out_dir
+
+
+def save_random_ia3_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    target_modules: tuple[str, ...] = ("k_proj", "v_proj", "down_proj"),
+    feedforward_modules: tuple[str, ...] = ("down_proj",),
+    seed: int = 0,
+) -> Path:
+    """A PEFT IA³ adapter with vectors ``1 + 0.5·N(0, 1)`` (not the identity init), saved as PEFT does."""
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = IA3Config(target_modules=list(target_modules), feedforward_modules=list(feedforward_modules))
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "ia3_l" in name:
+                param.add_(0.5 * torch.randn_like(param))
     peft_model.save_pretrained(out_dir)
     return out_dir

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.base_model import QUANTIZATIONS
+from adapters.peft_types import ADAPTER_TYPES, IA3
 from adapters.store import check_adapter_name
 
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -56,15 +57,34 @@ class DataArgs:
 
 @dataclass
 class LoRAArgs:
-    """The adapter's shape: ``ΔW = (alpha / r) · B @ A`` on ``target_modules`` of the top ``layers``."""
+    """The adapter's shape: ``ΔW = (alpha / r) · B @ A`` on ``target_modules`` of the top ``layers``.
+
+    ``method`` is one of :data:`adapters.peft_types.ADAPTER_TYPES`: ``lora``, ``rslora`` (scaling
+    ``alpha / √r``), ``dora`` (LoRA plus a learned per-row magnitude) or ``ia3`` (a learned vector per
+    module; it has no rank, alpha or dropout, so those flags must keep their defaults, nor ``--layers``).
+    """
 
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"
     layers: int | None = None  # train only the top N transformer layers (None = all)
+    method: str = "lora"
 
     def __post_init__(self) -> None:
+        _require(self.method in ADAPTER_TYPES, "--method", f"must be one of {', '.join(ADAPTER_TYPES)}")
+        if self.method == IA3:
+            for flag, value, default in (
+                ("--r", self.r, 16),
+                ("--alpha", self.alpha, 32.0),
+                ("--dropout", self.dropout, 0.05),
+            ):
+                _require(
+                    value == default,
+                    flag,
+                    "IA3 has no rank, alpha or dropout; leave it out with --method ia3",
+                )
+            _require(self.layers is None, "--layers", "PEFT's IA3 cannot be limited to the top layers")
         _require(1 <= self.r <= 1024, "--r", "must be in [1, 1024]")
         _require(self.alpha > 0, "--alpha", "must be positive")
         _require(0.0 <= self.dropout < 1.0, "--dropout", "must be in [0, 1)")

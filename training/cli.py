@@ -11,6 +11,7 @@ from pathlib import Path
 
 from adapters.base_model import QUANTIZATIONS, BaseModelError
 from adapters.errors import AdapterExists, AdapterInvalid, AdapterNameInvalid, AdapterNotFound
+from adapters.peft_types import ADAPTER_TYPES
 from adapters.shared_settings import SharedSettings
 from training.args import (
     OVERLONG_POLICIES,
@@ -100,6 +101,12 @@ def build_parser(prog: str = "loraplex train") -> argparse.ArgumentParser:
         help="comma-separated module names (q_proj,v_proj) or all-linear",
     )
     lora.add_argument("--layers", type=int, help="train only the top N transformer layers (default: all)")
+    lora.add_argument(
+        "--method",
+        choices=ADAPTER_TYPES,
+        default=d_lora.method,
+        help="lora; rslora (alpha/sqrt(r)); dora (weight-decomposed LoRA); ia3 (learned activation scaling)",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=float, default=d_optim.epochs)
@@ -171,7 +178,12 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             api_key=ns.api_key,
         ),
         lora=LoRAArgs(
-            r=ns.r, alpha=ns.alpha, dropout=ns.dropout, target_modules=ns.target_modules, layers=ns.layers
+            r=ns.r,
+            alpha=ns.alpha,
+            dropout=ns.dropout,
+            target_modules=ns.target_modules,
+            layers=ns.layers,
+            method=ns.method,
         ),
         optim=OptimArgs(
             epochs=ns.epochs,

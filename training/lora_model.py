@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from adapters.base_model import BaseModel
+from adapters.peft_types import DORA, IA3, RSLORA
 from training.args import LoRAArgs
 
 logger = logging.getLogger(__name__)
@@ -17,18 +18,20 @@ def num_hidden_layers(model: torch.nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
 
+def _layers_kwargs(args: LoRAArgs, model: torch.nn.Module) -> dict:
+    """PEFT's ``layers_to_transform`` for ``--layers``: only the top N decoder layers are trained."""
+    if args.layers is None:
+        return {}
+    total = num_hidden_layers(model)
+    if args.layers >= total:
+        return {}
+    return {"layers_to_transform": list(range(total - args.layers, total)), "layers_pattern": "layers"}
+
+
 def lora_config(args: LoRAArgs, model: torch.nn.Module):
-    """PEFT's ``LoraConfig`` for ``args``; ``layers`` keeps only the top N decoder layers trainable."""
+    """PEFT's ``LoraConfig`` for ``args`` (``lora``, ``rslora`` or ``dora``)."""
     from peft import LoraConfig
 
-    kwargs: dict = {}
-    if args.layers is not None:
-        total = num_hidden_layers(model)
-        if args.layers < total:
-            kwargs = {
-                "layers_to_transform": list(range(total - args.layers, total)),
-                "layers_pattern": "layers",
-            }
     return LoraConfig(
         r=args.r,
         lora_alpha=args.alpha,
@@ -36,8 +39,33 @@ def lora_config(args: LoRAArgs, model: torch.nn.Module):
         target_modules=args.target_modules,
         bias="none",
         task_type="CAUSAL_LM",
-        **kwargs,
+        use_rslora=args.method == RSLORA,
+        use_dora=args.method == DORA,
+        **_layers_kwargs(args, model),
     )
+
+
+def ia3_config(args: LoRAArgs, model: torch.nn.Module):
+    """PEFT's ``IA3Config``: ``all-linear`` means every linear but the head, as for LoRA; the model type's
+    feedforward modules (PEFT's own table, e.g. Llama's ``down_proj``) among the targets scale inputs."""
+    from peft import IA3Config
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+
+    targets = args.target_modules
+    if targets == "all-linear":
+        targets = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings()
+            }
+        )
+    known = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model.config.model_type, [])
+    return IA3Config(
+        target_modules=list(targets),
+        feedforward_modules=[m for m in targets if m in known],
+        task_type="CAUSAL_LM",
+    )  # PEFT's IA3Config has no layers_to_transform: LoRAArgs refuses --layers with ia3
 
 
 def prepare_for_training(base: BaseModel, gradient_checkpointing: bool) -> torch.nn.Module:
@@ -84,7 +112,8 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:
 def attach_new_adapter(model: torch.nn.Module, args: LoRAArgs):
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config(args, model))
+    config = ia3_config(args, model) if args.method == IA3 else lora_config(args, model)
+    peft_model = get_peft_model(model, config)
     _log_trainable(peft_model)
     return peft_model
 

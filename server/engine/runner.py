@@ -61,18 +61,22 @@ class ModelRunner:
         ``prompt_logprobs[i]`` (None: not asked) is how many alternatives to report for each token of
         prompt ``i``: the LM head then runs over that prompt's every position, for it alone.
         """
-        lengths = [len(ids) for ids, _ in prompts]
+        virtual = [self.lora.virtual_tokens.get(slot) for _, slot in prompts]  # prompt tuning, else None
+        lengths = [len(ids) + (0 if v is None else v.shape[0]) for (ids, _), v in zip(prompts, virtual)]
         bounds = [0, *itertools.accumulate(lengths)]
         input_ids = torch.tensor(
             [[t for ids, _ in prompts for t in ids]], dtype=torch.long, device=self.device
         )  # (1, ΣT)
+        inputs = {"input_ids": input_ids}
+        if any(v is not None for v in virtual):
+            inputs = {"inputs_embeds": self._with_virtual_tokens(input_ids, prompts, virtual)}
         position_ids = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]  # (1, ΣT)
         cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
         ranges = [(slot, bounds[i], bounds[i + 1]) for i, (_, slot) in enumerate(prompts)]
         cache = DynamicCache()
         with self.lora.token_ranges(ranges):
             hidden = self.decoder(
-                input_ids=input_ids,
+                **inputs,
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
@@ -90,7 +94,9 @@ class ModelRunner:
                 [(layer.keys[:, :, start:end], layer.values[:, :, start:end]) for layer in cache.layers],
                 None
                 if asked[i] is None
-                else self._prompt_logprobs(hidden[0, start:end], prompts[i][0], asked[i]),
+                else self._prompt_logprobs(
+                    hidden[0, start + _count(virtual[i]) : end], prompts[i][0], asked[i]
+                ),
             )
             for i, (start, end) in enumerate(zip(bounds, bounds[1:]))
         ]
@@ -106,6 +112,23 @@ class ModelRunner:
         else:
             tops = [()] * len(chosen)
         return [TokenLogprob(t, lp, top_) for t, lp, top_ in zip(ids[1:], chosen, tops)]
+
+    def _with_virtual_tokens(
+        self,
+        input_ids: torch.Tensor,
+        prompts: list[tuple[list[int], int]],
+        virtual: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """The packed prompts' embeddings with each prompt-tuned prompt's virtual tokens before it, as
+        PEFT's ``PeftModelForCausalLM`` prepends them: ``(1, ΣT + Σn, H)``."""
+        embeds = self.model.get_input_embeddings()(input_ids)[0]  # (ΣT, H)
+        pieces, start = [], 0
+        for (ids, _), tokens in zip(prompts, virtual):
+            if tokens is not None:
+                pieces.append(tokens.to(embeds.dtype))  # (n, H)
+            pieces.append(embeds[start : start + len(ids)])
+            start += len(ids)
+        return torch.cat(pieces)[None]  # (1, ΣT + Σn, H)
 
     @torch.inference_mode()
     def add_rows(self, prefilled: list[Prefilled]) -> list[tuple[torch.Tensor, int]]:
@@ -148,3 +171,8 @@ class ModelRunner:
     def reset_batch(self) -> None:
         """Drops every running row: the engine's recovery after a step failed midway."""
         self.kv.clear()
+
+
+def _count(virtual_tokens: torch.Tensor | None) -> int:
+    """How many virtual (prompt-tuning) positions precede a prompt's own tokens."""
+    return 0 if virtual_tokens is None else virtual_tokens.shape[0]

@@ -34,6 +34,7 @@ def describe(state: ServingState, name: str) -> dict:
     entry = {
         "name": name,
         "status": "loaded" if resident else "on_disk",
+        "peft_type": info.peft_type,
         "rank": info.rank,
         "alpha": info.alpha,
         "target_modules": info.target_modules,
@@ -62,6 +63,7 @@ def list_adapters(state: State, caller: Caller) -> dict:
                     "status": "loaded",
                     "origin": resident.origin,
                     "spec": resident.spec,
+                    "peft_type": resident.weights.peft_type,
                     "rank": resident.weights.rank,
                     "slot": resident.slot,
                     "requests_in_flight": resident.pins,
