@@ -1,0 +1,1 @@
+"""Chat completions: the tool-calling format and its streaming parser."""
