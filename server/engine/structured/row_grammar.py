@@ -82,10 +82,10 @@ class RowGrammar:
             GrammarRowFailed: the matcher is in an error state.
         """
         row = bitmask[index]
+        self._raise_if_failed()
         if self._terminated or self.is_complete():
             row.copy_(self.vocab.eos_words)
             return
-        self._raise_if_failed()
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
         self._raise_if_failed()
         row.bitwise_and_(self.vocab.valid_words)
@@ -98,7 +98,7 @@ class RowGrammar:
 
     def accept(self, token_id: int) -> bool:
         """Advance by the sampled token; False if the grammar does not allow it (the row has failed)."""
-        if self._terminated:
+        if self._terminated or self._error is not None:
             return False
         if token_id in self.vocab.eos_ids and (self.is_complete() or self._matcher.is_accepting()):
             self._terminated = True
