@@ -26,17 +26,17 @@ class Walk:
 
 @dataclass(frozen=True)
 class TokenClasses:
-    """Per id: whether its text only closes things (``"``, ``}``, ``]``, ``,``), and its first character."""
+    """Per id: does its text only close things (``"``, ``}``, ``]``, ``,``); is it one character."""
 
     closing: torch.Tensor  # (tokenizer size,) bool
-    first_char: torch.Tensor  # (tokenizer size,) int64 code point, -1 for empty texts
+    single_char: torch.Tensor  # (tokenizer size,) bool
 
 
 def token_classes(tokenizer) -> TokenClasses:
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     return TokenClasses(
         closing=torch.tensor([bool(t) and set(t) <= CLOSING_CHARS for t in texts]),
-        first_char=torch.tensor([ord(t[0]) if t else -1 for t in texts]),
+        single_char=torch.tensor([len(t) == 1 for t in texts]),
     )
 
 
@@ -44,13 +44,13 @@ def random_walk(row: RowGrammar, tokenizer, classes: TokenClasses, seed: int, ma
     """Sample a random allowed token each step until EOS is accepted or ``max_steps`` pass.
 
     The pick leans more and more towards closing tokens and EOS (from 30 % to always, over the walk) so
-    documents end; otherwise it draws a first character among the allowed tokens', then a token starting
-    with it (so a lone ``@`` among ten thousand words still comes up). Every pick is an allowed id. Each
-    step checks that the mask allows no id beyond the tokenizer and, once complete, nothing but EOS.
+    documents end; otherwise half the time among the allowed one-character tokens (so a lone ``@`` among
+    ten thousand words still comes up), else among all allowed. Every pick is an allowed id. Each step
+    checks that the mask allows no id beyond the tokenizer and, once complete, nothing but EOS.
     """
     rnd, vocab = random.Random(seed), row.vocab
-    first_char = torch.full((vocab.vocab_size,), -2, dtype=torch.long)
-    first_char[: len(classes.first_char)] = classes.first_char
+    single_char = torch.zeros(vocab.vocab_size, dtype=torch.bool)
+    single_char[: len(classes.single_char)] = classes.single_char
     ending_ids = torch.zeros(vocab.vocab_size, dtype=torch.bool)
     ending_ids[: len(classes.closing)] = classes.closing
     ending_ids[list(vocab.eos_ids)] = True
@@ -63,14 +63,15 @@ def random_walk(row: RowGrammar, tokenizer, classes: TokenClasses, seed: int, ma
         assert len(allowed_ids) and int(allowed_ids[-1]) < vocab.tokenizer_size
         if row.is_complete():
             assert set(allowed_ids.tolist()) == set(vocab.eos_ids)
-        ending = (allowed & ending_ids).nonzero().flatten()
+        ending = allowed_ids[ending_ids[allowed_ids]]
         pressure = 0.3 + step / (max_steps / 2)
+        short = allowed_ids[single_char[allowed_ids]]
         if len(ending) and rnd.random() < pressure:
             pool = ending
+        elif len(short) and rnd.random() < 0.5:
+            pool = short
         else:
-            starts = torch.unique(first_char[allowed_ids])
-            start = starts[rnd.randrange(len(starts))]
-            pool = allowed_ids[first_char[allowed_ids] == start]
+            pool = allowed_ids
         token = int(pool[rnd.randrange(len(pool))])
         assert row.accept(token), row.error
         if row.is_terminated():

@@ -125,12 +125,16 @@ class ToolCallStreamParser:
         call = self._call
         assert call is not None
         combined = call.body + self._pending
-        end = combined.find(TOOL_CALL_END)
+        end, next_begin = combined.find(TOOL_CALL_END), combined.find(TOOL_CALL_BEGIN)
+        if next_begin >= 0 and (end < 0 or next_begin < end):  # left open: the next block closes it
+            self._pending = combined[next_begin:]
+            self._close_call(combined[:next_begin], delta, complete=False)
+            return True
         if end >= 0:
             self._pending = combined[end + len(TOOL_CALL_END) :]
             self._close_call(combined[:end], delta, complete=True)
             return True
-        keep = partial_suffix(combined, TOOL_CALL_END)
+        keep = max(partial_suffix(combined, TOOL_CALL_END), partial_suffix(combined, TOOL_CALL_BEGIN))
         call.body, self._pending = combined[: len(combined) - keep], combined[len(combined) - keep :]
         self._stream_call(call, delta)
         return False

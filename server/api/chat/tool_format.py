@@ -50,8 +50,10 @@ CHOICE_INSTRUCTIONS = {
     "required": "\nYou must call at least one function now.",
 }
 
+# A block runs to its end tag or, left open, to the next block's start or the end of the text.
 BLOCK_PATTERN = re.compile(
-    re.escape(TOOL_CALL_BEGIN) + r"(.*?)(?:" + re.escape(TOOL_CALL_END) + r"|\Z)", re.S
+    f"{re.escape(TOOL_CALL_BEGIN)}(.*?)(?:{re.escape(TOOL_CALL_END)}|(?={re.escape(TOOL_CALL_BEGIN)})|\\Z)",
+    re.S,
 )
 
 
@@ -319,9 +321,9 @@ def parse_tool_calls(
 ) -> tuple[str | None, list[ToolCall]]:
     """Split generated text into its content and its tool calls.
 
-    A block is a call when its JSON has a ``name`` (a block cut off before ``</tool_call>`` counts when
-    its JSON is complete); anything else, broken blocks included, stays in the content. The content is
-    the text outside the calls, stripped, or None when empty.
+    A block is a call when its JSON has a ``name`` (a block left open, cut off or followed by the next
+    ``<tool_call>``, counts when its JSON is complete); anything else, broken blocks included, stays in
+    the content. The content is the text outside the calls, stripped, or None when empty.
     """
     content_parts, calls = [], []
     position = 0

