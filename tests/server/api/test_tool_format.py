@@ -325,3 +325,10 @@ def test_none_needs_no_grammar_and_bad_choices_are_refused():
         tool_call_grammar([], "required")
     with pytest.raises(ToolFormatError):
         tool_call_grammar(TOOLS, {"type": "function", "function": {}})
+
+
+def test_an_unsupported_keyword_in_a_tool_schema_is_named(compiler):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}]
+    with pytest.raises(GrammarInvalid) as raised:
+        compiler.compile(tool_call_grammar(tools, "required"))
+    assert raised.value.param == "tools" and "not" in raised.value.reason

@@ -307,3 +307,21 @@ def test_rows_of_one_grammar_are_independent(compiler, tokenizer):
     first, second = compiled.new_row(), compiled.new_row()
     assert first.accept(tokenizer.encode("a", add_special_tokens=False)[0])
     assert second.accept(tokenizer.encode("c", add_special_tokens=False)[0])
+
+
+@pytest.mark.parametrize(
+    ("spec", "pattern"),
+    [
+        (GrammarSpec.ebnf('root ::= "id-" [0-9]+ ("a" | "b")'), r"id-[0-9]+(a|b)"),
+        (GrammarSpec.lark('start: "n=" NUM ";"\nNUM: /[1-9][0-9]{0,3}/'), r"n=[1-9][0-9]{0,3};"),
+    ],
+)
+def test_gbnf_and_lark_grammars_constrain_the_output(compiler, tokenizer, classes, spec, pattern):
+    for seed in range(5):
+        walk = random_walk(compiler.compile(spec).new_row(), tokenizer, classes, seed)
+        assert walk.terminated and re.fullmatch(pattern, walk.text), walk.text
+
+
+def test_a_schema_that_is_not_an_object_is_refused():
+    with pytest.raises(GrammarInvalid, match="must be an object"):
+        GrammarSpec.json_schema("not a schema")  # type: ignore[arg-type]
