@@ -264,7 +264,7 @@ def tool_call_grammar(
         )
     mode = forced if forced is not None else (tool_choice or "auto")
     fmt = ToolCallFormat(tuple(entries), mode, parallel_tool_calls, TOOL_CALL_BEGIN, TOOL_CALL_END)
-    return GrammarSpec("tool_calls", fmt, "tool_choice" if forced is not None else "tools")
+    return GrammarSpec("tool_calls", fmt, "tools")
 
 
 # --- parsing the output --------------------------------------------------------------------------------

@@ -69,6 +69,19 @@ def gbnf_grammar(spec: GrammarSpec) -> str:
         raise GrammarInvalid(spec.param, reason) from e
 
 
+def check_parameters_schema(parameters_json: str, param: str) -> None:
+    """Refuse a tool's parameters schema on its own, so the error names that tool (not the whole grammar)."""
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(parameters_json, defaults=JSON_LAYOUT)
+    except ValueError as e:
+        raise GrammarInvalid(param, str(e)) from e
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise GrammarInvalid(param, error)
+
+
 def tool_call_schema(name: str, parameters_json: str, param: str) -> dict[str, Any]:
     """``{"name": <name>, "arguments": <parameters>}``, name first, as one JSON schema."""
     try:
@@ -87,14 +100,18 @@ def tool_call_schema(name: str, parameters_json: str, param: str) -> dict[str, A
 def tool_calls_lark(fmt: ToolCallFormat, param: str) -> str:
     """Lark for tool calls: only calls (``required`` / a named tool), or text then calls (``auto``).
 
+    ``param`` is the tools' request field; a bad tool's error names ``<param>[i].function.parameters``.
+
     In ``auto`` the text is a lazy lexeme that ends at the first ``begin``: free text is unconstrained
     until a call opens, and after a call only more calls (with ``parallel``) or the end may follow.
     """
+    for i, (_, parameters_json) in enumerate(fmt.tools):
+        check_parameters_schema(parameters_json, f"{param}[{i}].function.parameters")
     tools = fmt.tools
     if fmt.mode not in ("required", "auto"):
         tools = tuple(t for t in fmt.tools if t[0] == fmt.mode)
         if not tools:
-            raise GrammarInvalid(param, f"tool_choice names {fmt.mode!r}, which is not among the tools")
+            raise GrammarInvalid("tool_choice", f"names {fmt.mode!r}, which is not among the tools")
     if not tools:
         raise GrammarInvalid(param, "tool calling needs at least one tool")
     begin, end = json.dumps(fmt.begin), json.dumps(fmt.end)

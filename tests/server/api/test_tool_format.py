@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jsonschema
@@ -19,7 +20,7 @@ from server.api.chat.tool_format import (
     tool_call_block,
     tool_call_grammar,
 )
-from server.engine.structured import GrammarCompiler, GrammarInvalid
+from server.engine.structured import GrammarCompiler, GrammarInvalid, GrammarSpec
 from tests.grammar_walk import TokenClasses, load_test_tokenizer, make_compiler, random_walk, token_classes
 from tests.tiny_models import make_tokenizer
 
@@ -328,7 +329,17 @@ def test_none_needs_no_grammar_and_bad_choices_are_refused():
 
 
 def test_an_unsupported_keyword_in_a_tool_schema_is_named(compiler):
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}]
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}
     with pytest.raises(GrammarInvalid) as raised:
-        compiler.compile(tool_call_grammar(tools, "required"))
-    assert raised.value.param == "tools" and "not" in raised.value.reason
+        compiler.compile(tool_call_grammar([*TOOLS, bad], "required"))
+    assert raised.value.param == "tools[2].function.parameters"
+    assert raised.value.reason == 'Unimplemented keys: ["not"]'
+
+
+def test_a_named_tool_that_is_not_among_the_tools_is_refused(compiler):
+    fmt_spec = tool_call_grammar(TOOLS, "required")
+    assert fmt_spec is not None
+    spec = GrammarSpec("tool_calls", dataclasses.replace(fmt_spec.payload, mode="nope"), "tools")
+    with pytest.raises(GrammarInvalid) as raised:
+        compiler.compile(spec)
+    assert raised.value.param == "tool_choice" and "nope" in raised.value.reason
