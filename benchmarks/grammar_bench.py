@@ -49,8 +49,8 @@ TYPICAL_DOCUMENT = {
 }
 REGEX = r"\d{3}-\d{3}-\d{4}( ext\. \d{1,5})?"
 REGEX_TEXT = "555-867-5309 ext. 42"
-CHOICES = ["positive", "negative", "neutral", "mixed"]
-CHOICE_TEXT = "neutral"
+CHOICES = ["strongly positive", "somewhat negative", "neutral but uncertain", "mixed feelings"]
+CHOICE_TEXT = "neutral but uncertain"
 
 
 @dataclass
@@ -145,13 +145,7 @@ class LLGuidanceBackend:
         return matcher.consume_token(token_id)
 
     def memory_bytes(self, compiled) -> int | None:
-        return None  # llguidance exposes no size; see the RSS column
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process, from /proc (Linux)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * 4096
+        return None  # llguidance exposes no size (its grammar is text; lexer states grow per matcher)
 
 
 def timed_ms(fn: Callable[[], object]) -> tuple[float, object]:
@@ -173,14 +167,12 @@ def walk_us(backend, matcher, token_ids: list[int]) -> tuple[float, list[float]]
 
 
 def measure(backend, case: Case, token_ids: list[int], repeats: int) -> dict[str, float | None]:
-    compile_ms, first_us, step_us, rss = [], [], [], []
+    compile_ms, first_us, step_us = [], [], []
     compiled = None
     for _ in range(repeats):
-        before = rss_bytes()
         ms, (compiled, matcher) = timed_ms(lambda: backend.compile(case))
         compile_ms.append(ms)
         first, steps = walk_us(backend, matcher, token_ids)
-        rss.append(rss_bytes() - before)
         first_us.append(first)
         step_us.extend(steps)
     memory = backend.memory_bytes(compiled)
@@ -190,8 +182,34 @@ def measure(backend, case: Case, token_ids: list[int], repeats: int) -> dict[str
         "mask_us": statistics.median(step_us) if step_us else float("nan"),
         "mask_p90_us": statistics.quantiles(step_us, n=10)[-1] if len(step_us) > 1 else float("nan"),
         "memory_kib": memory / 1024 if memory is not None else None,
-        "rss_kib": max(statistics.median(rss), 0) / 1024,
     }
+
+
+def apply_us(apply, batch_size: int, vocab_size: int, repeats: int) -> float:
+    """Median time (µs) of masking a ``(batch_size, vocab_size)`` float32 logits tensor in place."""
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (batch_size, (vocab_size + 31) // 32), dtype=torch.int32)
+    times = []
+    for _ in range(repeats * 5):
+        logits = torch.randn(batch_size, vocab_size)
+        start = time.perf_counter()
+        apply(logits, bitmask)
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def print_apply_table(vocab_size: int, repeats: int) -> None:
+    import xgrammar
+
+    from server.engine.structured.token_mask import apply_token_bitmask_
+
+    print("\n| batched apply, CPU float32 | B = 1 µs | B = 8 µs | B = 32 µs |")
+    print("|---|---:|---:|---:|")
+    for name, apply in (
+        ("loraplex apply_token_bitmask_ (numpy unpackbits)", apply_token_bitmask_),
+        ("xgrammar apply_token_bitmask_inplace (C++)", xgrammar.apply_token_bitmask_inplace),
+    ):
+        cells = " | ".join(f"{apply_us(apply, b, vocab_size, repeats):.0f}" for b in (1, 8, 32))
+        print(f"| {name} | {cells} |")
 
 
 def load_tokenizer(folder: str | None):
@@ -220,11 +238,12 @@ def main() -> None:
         token_ids = tokenizer.encode(case.text, add_special_tokens=False)
         for backend in backends:
             r = measure(backend, case, token_ids, args.repeats)
-            memory = f"{r['memory_kib']:.0f}" if r["memory_kib"] is not None else f"~{r['rss_kib']:.0f} (RSS)"
+            memory = f"{r['memory_kib']:.0f}" if r["memory_kib"] is not None else "n/a"
             print(
                 f"| {case.name} | {backend.name} | {r['compile_ms']:.1f} | {r['first_mask_us']:.0f} | "
                 f"{r['mask_us']:.0f} ({r['mask_p90_us']:.0f}) | {len(token_ids)} | {memory} |"
             )
+    print_apply_table(vocab_size, args.repeats)
 
 
 if __name__ == "__main__":
