@@ -89,7 +89,7 @@ def tool_name(tool: dict[str, Any], index: int) -> str:
     """The function name of an OpenAI tool definition."""
     function = tool.get("function") if isinstance(tool, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    if tool.get("type", "function") != "function" or not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or tool.get("type", "function") != "function":
         raise ToolFormatError(
             f"tools[{index}]", 'a tool must be {"type": "function", "function": {"name": ...}}'
         )

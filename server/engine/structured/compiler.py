@@ -174,10 +174,14 @@ class GrammarCompiler:
 
         start = time.perf_counter()
         grammar = to_llguidance(spec)
-        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
-        if not matcher.is_error():  # the first mask builds the lexer: its errors and limits show here
-            bitmask = allocate_bitmask(1, self.vocab.vocab_size)
-            matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
+        try:
+            matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+            if not matcher.is_error():  # the first mask builds the lexer: its errors and limits show here
+                bitmask = allocate_bitmask(1, self.vocab.vocab_size)
+                matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
+        except Exception as e:  # llguidance reports grammar errors in-band; anything raised is unexpected
+            logger.warning("llguidance raised compiling a %s grammar: %s", spec.kind, e)
+            raise GrammarInvalid(spec.param, f"it could not be compiled ({type(e).__name__}: {e})") from e
         if matcher.is_error():
             raise GrammarInvalid(spec.param, matcher.get_error()[:MAX_ERROR_CHARS].strip())
         matcher.reset()

@@ -82,6 +82,12 @@ class RowGrammar:
             GrammarRowFailed: the matcher is in an error state.
         """
         row = bitmask[index]
+        if row.dtype != torch.int32 or row.device.type != "cpu" or not row.is_contiguous():
+            raise ValueError(
+                f"the bitmask must be a contiguous CPU int32 tensor, not {row.dtype} on {row.device}"
+            )
+        if row.numel() * 32 < self.vocab.vocab_size:
+            raise ValueError(f"a bitmask row of {row.numel()} words cannot hold {self.vocab.vocab_size} ids")
         self._raise_if_failed()
         if self._terminated or self.is_complete():
             row.copy_(self.vocab.eos_words)

@@ -343,3 +343,12 @@ def test_a_named_tool_that_is_not_among_the_tools_is_refused(compiler):
     with pytest.raises(GrammarInvalid) as raised:
         compiler.compile(spec)
     assert raised.value.param == "tool_choice" and "nope" in raised.value.reason
+
+
+@pytest.mark.parametrize(
+    "tool", ["get_weather", {"type": "function"}, {"type": "retrieval", "function": {"name": "f"}}]
+)
+def test_a_malformed_tool_is_named(tool):
+    with pytest.raises(ToolFormatError) as raised:
+        render_tool_messages([{"role": "user", "content": "hi"}], [TOOLS[0], tool])
+    assert raised.value.param == "tools[1]"

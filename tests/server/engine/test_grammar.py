@@ -325,3 +325,11 @@ def test_gbnf_and_lark_grammars_constrain_the_output(compiler, tokenizer, classe
 def test_a_schema_that_is_not_an_object_is_refused():
     with pytest.raises(GrammarInvalid, match="must be an object"):
         GrammarSpec.json_schema("not a schema")  # type: ignore[arg-type]
+
+
+def test_a_bitmask_of_the_wrong_kind_is_refused(compiler):
+    row = compiler.compile(GrammarSpec.json_object()).new_row()
+    with pytest.raises(ValueError, match="int32"):
+        row.fill_mask(torch.zeros(1, 8000, dtype=torch.int64))
+    with pytest.raises(ValueError, match="cannot hold"):
+        row.fill_mask(torch.zeros(1, 10, dtype=torch.int32))
