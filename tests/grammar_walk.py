@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adapters.base_model import default_cache_dir
@@ -49,23 +50,23 @@ def random_walk(row: RowGrammar, tokenizer, classes: TokenClasses, seed: int, ma
     checks that the mask allows no id beyond the tokenizer and, once complete, nothing but EOS.
     """
     rnd, vocab = random.Random(seed), row.vocab
-    single_char = torch.zeros(vocab.vocab_size, dtype=torch.bool)
-    single_char[: len(classes.single_char)] = classes.single_char
-    ending_ids = torch.zeros(vocab.vocab_size, dtype=torch.bool)
-    ending_ids[: len(classes.closing)] = classes.closing
+    single_char = np.zeros(vocab.vocab_size, dtype=bool)
+    single_char[: len(classes.single_char)] = classes.single_char.numpy()
+    ending_ids = np.zeros(vocab.vocab_size, dtype=bool)
+    ending_ids[: len(classes.closing)] = classes.closing.numpy()
     ending_ids[list(vocab.eos_ids)] = True
     bitmask = allocate_bitmask(1, vocab.vocab_size)
     ids: list[int] = []
     for step in range(max_steps):
         row.fill_mask(bitmask)
-        allowed = unpack_bits(bitmask[0], vocab.vocab_size)  # (V,) bools
-        allowed_ids = allowed.nonzero().flatten()
+        allowed = unpack_bits(bitmask[0], vocab.vocab_size).numpy()  # (V,) bools
+        allowed_ids = np.flatnonzero(allowed)
         assert len(allowed_ids) and int(allowed_ids[-1]) < vocab.tokenizer_size
         if row.is_complete():
             assert set(allowed_ids.tolist()) == set(vocab.eos_ids)
-        ending = allowed_ids[ending_ids[allowed_ids]]
+        ending = np.flatnonzero(allowed & ending_ids)
+        short = np.flatnonzero(allowed & single_char)
         pressure = 0.3 + step / (max_steps / 2)
-        short = allowed_ids[single_char[allowed_ids]]
         if len(ending) and rnd.random() < pressure:
             pool = ending
         elif len(short) and rnd.random() < 0.5:
