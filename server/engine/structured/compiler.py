@@ -106,6 +106,13 @@ class GrammarCompiler:
             raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} ids")
         if not eos_ids or any(i is None or not 0 <= i < len(tokenizer) for i in eos_ids):
             raise ValueError(f"eos_token_ids {eos_ids} must be ids of the tokenizer")
+        for name, value in (
+            ("max_schema_bytes", max_schema_bytes),
+            ("compile_timeout_s", compile_timeout_s),
+            ("cache_size", cache_size),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         self.vocab = GrammarVocab.build(vocab_size, len(tokenizer), eos_ids)
         self.max_schema_bytes = max_schema_bytes
         self.compile_timeout_s = compile_timeout_s

@@ -345,3 +345,19 @@ def test_a_bitmask_of_the_wrong_kind_is_refused(compiler):
         row.fill_mask(torch.zeros(1, 8000, dtype=torch.int64))
     with pytest.raises(ValueError, match="cannot hold"):
         row.fill_mask(torch.zeros(1, 10, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"vocab_size": 10}, "vocab_size"),
+        ({"eos_token_ids": [10**6]}, "eos_token_ids"),
+        ({"compile_timeout_s": 0}, "compile_timeout_s"),
+        ({"cache_size": 0}, "cache_size"),
+        ({"max_schema_bytes": -1}, "max_schema_bytes"),
+    ],
+)
+def test_compiler_settings_are_checked(tokenizer, kwargs, named):
+    kwargs = {"vocab_size": len(tokenizer), **kwargs}
+    with pytest.raises(ValueError, match=named):
+        GrammarCompiler(tokenizer, **kwargs)
