@@ -19,6 +19,7 @@ from adapters.registry import AdapterRegistry
 from server.engine.runner import ModelRunner, Prefilled
 from server.engine.sampling import make_generator, sample_row, token_logprob
 from server.engine.scheduler import Scheduler, Sequence
+from server.engine.structured.row_grammar import GrammarRowFailed
 from server.engine.threads import limit_threads
 from server.engine.types import (
     ContextLengthExceeded,
@@ -137,6 +138,9 @@ class LLMEngine:
                         prompt_tokens, request.sampling.max_tokens, self.config.context_length
                     )
             seqs = [Sequence(r, emit, make_generator(r.sampling, self.runner.device)) for r in requests]
+            for seq in seqs:  # each constrained row gets its own matcher
+                if seq.request.sampling.grammar is not None:
+                    seq.grammar = seq.request.sampling.grammar.new_row()
         except BaseException:
             for request in requests:
                 request.lease.release()
@@ -383,10 +387,20 @@ class LLMEngine:
             if params.max_tokens == 0:  # echo with max_tokens 0: the prompt (and its logprobs) only
                 self._finish(seq, "length")
                 return
-            token = sample_row(logits, seq.output_ids, params, seq.generator, seq.request.adapter)
+            token = sample_row(
+                logits, seq.output_ids, params, seq.generator, seq.request.adapter, seq.grammar
+            )
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                raise GrammarRowFailed(seq.grammar.error or f"token {token} is not allowed by the grammar")
             if params.logprobs is not None:
                 seq.pending_logprobs.append(token_logprob(logits, token, params.logprobs))
             self._on_token(seq, token)
+        except GrammarRowFailed as e:
+            logger.warning("request %s: its grammar cannot continue: %s", seq.request_id, e)
+            failure = GenerationFailed(
+                f"generation stopped: the output cannot continue under its grammar ({e})"
+            )
+            self._finish(seq, "error", error=failure)
         except NonFiniteLogits as e:
             logger.warning("request %s: non-finite scores on adapter %s", seq.request_id, seq.request.adapter)
             self._finish(seq, "error", error=e)

@@ -63,8 +63,10 @@ def sample_row(
     params: SamplingParams,
     generator: torch.Generator | None,
     adapter: str | None = None,
+    grammar=None,
 ) -> int:
-    """Picks the next token for one sequence from its logits ``(V,)``.
+    """Picks the next token for one sequence from its logits ``(V,)``; a ``grammar`` (the row's
+    RowGrammar) masks what it does not allow, after penalties and bias, before temperature.
 
     Raises:
         NonFiniteLogits: the row's scores (or its sampling distribution) hold NaN or infinity.
@@ -73,6 +75,8 @@ def sample_row(
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteLogits(adapter)
     logits = apply_logit_bias(apply_penalties(logits, output_ids, params), params)
+    if grammar is not None:
+        grammar.apply(logits)  # disallowed tokens to -inf (a complete grammar allows only EOS)
     if params.greedy:
         return int(torch.argmax(logits))
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)

@@ -6,6 +6,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ class Sequence:
     first_token_time: float | None = None
     pending_logprobs: list = field(default_factory=list)  # TokenLogprobs not yet sent
     prompt_logprobs: list | None = None  # sent with the first output, then None
+    grammar: Any = None  # this row's RowGrammar when its output is constrained
 
     @property
     def request_id(self) -> str:

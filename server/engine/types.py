@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapters.lease import AdapterLease
 
@@ -67,6 +68,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), applied in float32
     logprobs: int | None = None  # None: none; k >= 0: each sampled token's logprob and the k most likely
     prompt_logprobs: int | None = None  # likewise for every prompt token after the first (echo)
+    # a compiled grammar (server.engine.structured.CompiledGrammar): each row gets its own matcher
+    grammar: Any = field(default=None, compare=False)
 
     @property
     def greedy(self) -> bool:
