@@ -392,13 +392,14 @@ class LLMEngine:
         params = seq.request.sampling
         self.stats.generated_tokens += 1
         if token in self.eos_token_ids and not params.ignore_eos:
-            self._finish(seq, "stop", completion_tokens=len(seq.output_ids) + 1)
+            self._finish(seq, "stop", completion_tokens=len(seq.output_ids) + 1, eos_token=token)
             return
         seq.output_ids.append(token)
         text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         stop_at = _find_stop(text, params.stop, len(seq.text_sent))
         if stop_at is not None:
-            self._finish(seq, "stop", final_text=text[:stop_at])
+            matched = next(s for s in params.stop if text.startswith(s, stop_at))
+            self._finish(seq, "stop", final_text=text[:stop_at], stop_sequence=matched)
         elif len(seq.output_ids) >= params.max_tokens:
             self._finish(seq, "length", final_text=text)
         else:
@@ -406,7 +407,9 @@ class LLMEngine:
             if safe_end > len(seq.text_sent):
                 delta = text[len(seq.text_sent) : safe_end]
                 seq.text_sent = text[:safe_end]
-                self._emit(seq, GenerationOutput(seq.request_id, text_delta=delta, token_ids=[token]))
+                self._emit(
+                    seq, GenerationOutput(seq.request_id, text_delta=delta, token_ids=_unsent_ids(seq))
+                )
 
     def _finish(
         self,
@@ -415,6 +418,8 @@ class LLMEngine:
         final_text: str | None = None,
         completion_tokens: int | None = None,
         error: BaseException | None = None,
+        stop_sequence: str | None = None,
+        eos_token: int | None = None,
     ) -> None:
         if seq.finished:
             return
@@ -430,6 +435,7 @@ class LLMEngine:
             final_text = seq.text_sent
         delta = final_text[len(seq.text_sent) :] if final_text.startswith(seq.text_sent) else ""
         seq.text_sent = final_text
+        token_ids = _unsent_ids(seq) + ([eos_token] if eos_token is not None else [])
         self._by_id.pop(seq.request_id, None)
         seq.request.lease.release()  # the one place a submitted sequence gives its lease share back
         self.stats.finished += 1
@@ -438,8 +444,10 @@ class LLMEngine:
             GenerationOutput(
                 seq.request_id,
                 text_delta=delta,
+                token_ids=token_ids,
                 finished=True,
                 finish_reason=reason,
+                stop_sequence=stop_sequence,
                 prompt_tokens=len(seq.request.prompt_token_ids),
                 completion_tokens=completion_tokens if completion_tokens is not None else len(seq.output_ids),
                 error=error,
@@ -452,6 +460,13 @@ class LLMEngine:
         except Exception:  # noqa: BLE001 - the receiver is gone (closed event loop): stop generating
             logger.debug("receiver of %s is gone; cancelling", seq.request_id)
             seq.cancelled = True
+
+
+def _unsent_ids(seq: Sequence) -> list[int]:
+    """The generated token ids not yet reported in an output (text may lag them: held-back stops)."""
+    ids = seq.output_ids[seq.ids_sent :]
+    seq.ids_sent = len(seq.output_ids)
+    return ids
 
 
 def _find_stop(text: str, stops: tuple[str, ...], sent_len: int) -> int | None:
