@@ -29,6 +29,7 @@ from server.api.errors import install_error_handlers
 from server.api.health.api_router import router as health_router
 from server.api.limits import RequestLimitsMiddleware
 from server.api.models.api_router import router as models_router
+from server.api.native.api_router import router as native_router
 from server.api.request_context import RequestContextMiddleware
 from server.api.tokenize.api_router import router as tokenize_router
 from server.config import Settings
@@ -130,6 +131,7 @@ def create_app(
         tokenize_router,
         adapter_admin_router,
         collections_router,
+        native_router,
     ):
         app.include_router(router)
 

@@ -129,6 +129,11 @@ def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int |
     )
 
 
+def text_prompt_ids(state: ServingState, text: str) -> list[int]:
+    """A plain-text prompt's token ids, as every text-prompt route tokenizes it (no special tokens)."""
+    return state.base.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def render_chat(state: ServingState, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Renders messages with the tokenizer's chat template, exactly as training does, and tokenizes."""
     tokenizer = state.base.tokenizer
