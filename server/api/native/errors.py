@@ -22,7 +22,6 @@ from server.engine.types import GenerationFailed
 _NATIVE_PARAMS = {
     "adapter": "parameters.adapter_id",
     "model": "parameters.adapter_id",
-    "max_tokens": "parameters.max_new_tokens",
     "prompt": "inputs",
     "messages": "inputs",
 }

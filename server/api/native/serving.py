@@ -131,7 +131,10 @@ async def create_generation(
     """Runs ``body`` through the shared conversion path and answers natively."""
     params = body.parameters
     prompt_ids = text_prompt_ids(state, body.inputs)
-    prepared = prepare(state, params.to_sampling_fields(), [prompt_ids], params.max_new_tokens, principal)
+    fields = params.to_sampling_fields()
+    prepared = prepare(
+        state, fields, [prompt_ids], params.max_new_tokens, principal, "parameters.max_new_tokens"
+    )
     return await NativeServing(state, prepared, body, as_list).respond(request, principal, stream)
 
 
