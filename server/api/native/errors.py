@@ -8,12 +8,14 @@ told apart by the clients from the status code. ``code`` and ``param`` ride alon
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.errors import public_message, status_for, validation_message
 from server.engine.types import GenerationFailed
@@ -70,6 +72,13 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(body, status_code=400)
 
 
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (a body that cannot be parsed), in TGI's shape with their status."""
+    message = str(exc.detail) if exc.detail else HTTPStatus(exc.status_code).phrase
+    body = {"error": message, "error_type": error_type(exc, exc.status_code), "code": None, "param": None}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
 class NativeErrorRoute(APIRoute):
     """A route whose errors, its auth and body validation included, are answered in TGI's shape."""
 
@@ -81,6 +90,8 @@ class NativeErrorRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as e:
                 return validation_error_response(e)
+            except StarletteHTTPException as e:
+                return http_error_response(e)
             except Exception as e:  # noqa: BLE001 - every error becomes a TGI-shaped response
                 return error_response(e)
 

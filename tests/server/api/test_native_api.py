@@ -188,6 +188,13 @@ def test_parameters_that_cannot_be_honoured_are_refused_by_name(native_app, fiel
         assert client.app.state.serving.engine.submitted == []
 
 
+def test_a_body_that_is_not_json_is_a_validation_error(native_app):
+    with native_app() as client:
+        for content in (b"\x00\x00", b"{not json"):
+            r = client.post("/generate", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error_type"] == "validation", r.text
+
+
 @pytest.mark.parametrize(
     "body",
     [
