@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.api.sampling_protocol import SEED_MAX, SamplingFields, check_text
+from server.api.sampling_protocol import SEED_MAX, SamplingFields, check_stops, check_text
 
 # field -> (its no-op values, why anything else is refused)
 _REFUSED: dict[str, tuple[tuple, str]] = {
@@ -64,6 +64,11 @@ class NativeParameters(BaseModel):
     @classmethod
     def _adapter_text(cls, v: str | None) -> str | None:
         return None if v is None else check_text(v, "adapter_id")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: list[str]) -> list[str]:
+        return check_stops(v)
 
     @field_validator("adapter_source")
     @classmethod

@@ -121,6 +121,11 @@ class ResponsesRequest(BaseModel):
     def _input(cls, v: str | list[InputMessage]) -> str | list[InputMessage]:
         return check_text(v, "input") if isinstance(v, str) else v
 
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_text(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        return check_text(v, "adapter") if isinstance(v, str) else v
+
     @field_validator("model", "user", "instructions")
     @classmethod
     def _plain_text(cls, v: str | None, info) -> str | None:

@@ -202,6 +202,8 @@ def test_a_body_that_is_not_json_is_a_validation_error(native_app):
         {"inputs": PROMPT, "parameters": {"max_new_tokens": 0}},
         {"inputs": PROMPT, "parameters": {"top_k": 0}},
         {"inputs": PROMPT, "parameters": {"temperature": -1}},
+        {"inputs": PROMPT, "parameters": {"stop": ["a", "b", "c", "d", "e"]}},
+        {"inputs": PROMPT, "parameters": {"stop": [""]}},
         {"inputs": PROMPT, "parameters": {"adapter_id": "attn-r4", "merged_adapters": {"ids": ["attn-r4"]}}},
         {"inputs": PROMPT, "stream": True},
     ],
@@ -210,7 +212,7 @@ def test_invalid_requests_are_validation_errors(native_app, body):
     with native_app() as client:
         r = client.post("/generate", json=body)
         assert r.status_code == 400, r.text
-        assert r.json()["error_type"] == "validation"
+        assert r.json()["error_type"] == "validation" and "validation error for" not in r.json()["error"]
 
 
 def test_adapter_id_and_merged_adapters_choose_the_adapter(native_app):
