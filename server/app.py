@@ -29,7 +29,9 @@ from server.api.errors import install_error_handlers
 from server.api.health.api_router import router as health_router
 from server.api.limits import RequestLimitsMiddleware
 from server.api.models.api_router import router as models_router
+from server.api.native.api_router import router as native_router
 from server.api.request_context import RequestContextMiddleware
+from server.api.responses.api_router import router as responses_router
 from server.api.tokenize.api_router import router as tokenize_router
 from server.config import Settings
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
@@ -126,10 +128,12 @@ def create_app(
         models_router,
         chat_router,
         completions_router,
+        responses_router,
         embeddings_router,
         tokenize_router,
         adapter_admin_router,
         collections_router,
+        native_router,
     ):
         app.include_router(router)
 

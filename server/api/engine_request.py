@@ -109,13 +109,17 @@ def _not_found(name: str, param: str) -> AdapterNotFound:
     return err
 
 
-def sampling_params(state: ServingState, body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+def sampling_params(
+    state: ServingState, body: SamplingFields, max_tokens: int | None, max_tokens_field: str = "max_tokens"
+) -> SamplingParams:
+    """The engine's sampling parameters; ``max_tokens_field`` is the request's name for ``max_tokens``."""
     n_max = state.settings.max_n
     if body.n > n_max:
         raise APIError(400, f"n must be at most {n_max}", code="invalid_value", param="n")
     limit = state.settings.max_tokens_limit
     if max_tokens is not None and max_tokens > limit:
-        raise APIError(400, f"max_tokens must be at most {limit}", code="invalid_value", param="max_tokens")
+        message = f"{max_tokens_field} must be at most {limit}"
+        raise APIError(400, message, code="invalid_value", param=max_tokens_field)
     logprobs, prompt_logprobs = body.logprob_options()
     return SamplingParams(
         max_tokens=state.settings.default_max_tokens if max_tokens is None else max_tokens,
@@ -143,6 +147,11 @@ def _logit_bias(state: ServingState, body: SamplingFields) -> tuple[tuple[int, f
     return pairs
 
 
+def text_prompt_ids(state: ServingState, text: str) -> list[int]:
+    """A plain-text prompt's token ids, as every text-prompt route tokenizes it (no special tokens)."""
+    return state.base.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def render_chat(state: ServingState, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Renders messages with the tokenizer's chat template, exactly as training does, and tokenizes."""
     tokenizer = state.base.tokenizer
@@ -161,9 +170,19 @@ def prepare(
     prompts: list[list[int]],
     max_tokens: int | None,
     principal: Principal,
+    max_tokens_field: str = "max_tokens",
 ) -> PreparedRequest:
-    """Builds the engine requests for each prompt × ``n`` choices, after every check that can fail."""
-    params = sampling_params(state, body, max_tokens)
+    """Builds the engine requests for each prompt × ``n`` choices, after every check that can fail.
+
+    Args:
+        state: the serving state.
+        body: the request's sampling and adapter fields.
+        prompts: each prompt's token ids.
+        max_tokens: the completion's token budget (None: the server's default).
+        principal: the caller, whose allow-list limits the adapters it may name.
+        max_tokens_field: the request's own name for ``max_tokens``, for error messages.
+    """
+    params = sampling_params(state, body, max_tokens, max_tokens_field)
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")

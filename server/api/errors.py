@@ -86,19 +86,22 @@ def _known(exc: BaseException) -> bool:
     return isinstance(exc, APIError) or any(isinstance(exc, kind) for kind, _ in STATUS_BY_ERROR)
 
 
+def public_message(exc: BaseException) -> str:
+    """What a client may read about ``exc``: its message if it is known, else a generic one (logged)."""
+    if not _known(exc):
+        logger.error("internal error: %r", exc, exc_info=exc)
+        return "The server had an error while processing your request."
+    return str(exc)
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """The JSON response for any exception (also used for errors inside a stream)."""
     status = status_for(exc)
-    if not _known(exc):
-        logger.error("internal error: %r", exc, exc_info=exc)
-        message = "The server had an error while processing your request."
-    else:
-        message = str(exc)
-    body = error_body(status, message, getattr(exc, "code", None), getattr(exc, "param", None))
+    body = error_body(status, public_message(exc), getattr(exc, "code", None), getattr(exc, "param", None))
     return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "Invalid request.", None
@@ -119,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         return JSONResponse(error_body(400, message, "invalid_request", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,9 +1,10 @@
-"""What chat and text completions share: admitting a prepared request, running it through the
-engine, and answering with one JSON body or a stream of SSE chunks.
+"""What the generating features share: admitting a prepared request, running it through the
+engine, and answering with one JSON body or a stream of SSE events.
 
-A feature subclasses :class:`GenerationServing` and says only how its bodies and chunks look
-(:meth:`final_body`, :meth:`chunk`); admission, the adapter lease, cancellation on disconnect,
-usage and in-band stream errors are the same for every feature.
+:class:`EngineServing` owns admission, the adapter lease, cancellation on disconnect and errors; a
+feature says how its final body and its stream look (the native TGI routes, the Responses API).
+:class:`GenerationServing` is OpenAI's ``choices`` form on top of it: chat and text completions say
+only how one choice and one chunk look (:meth:`choice_body`, :meth:`chunk_choice`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class Choice:
     """One choice's text and final state, accumulated from the engine's outputs."""
 
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_sequence: str | None = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
     error: BaseException | None = None
@@ -40,11 +43,13 @@ class Choice:
 
     def add(self, output: GenerationOutput) -> None:
         self.text += output.text_delta
+        self.token_ids.extend(output.token_ids)
         self.logprobs.extend(output.logprobs)
         if output.prompt_logprobs is not None:
             self.prompt_logprobs = output.prompt_logprobs
         if output.finished:
             self.finish_reason = output.finish_reason
+            self.stop_sequence = output.stop_sequence
             self.completion_tokens = output.completion_tokens
             self.prompt_tokens = output.prompt_tokens
             self.error = output.error
@@ -71,18 +76,74 @@ def sse_error(exc: BaseException) -> str:
     return f"event: error\ndata: {error_response(exc).body.decode()}\n\n"
 
 
-class GenerationServing(ABC):
+class EngineServing(ABC):
     """Runs one prepared request and shapes its answer; one instance per HTTP request."""
-
-    object_name: str  # "chat.completion" / "text_completion"
-    chunk_object_name: str
-    id_prefix: str  # "chatcmpl-" / "cmpl-"
 
     def __init__(self, state: ServingState, prepared: PreparedRequest):
         self.state = state
         self.prepared = prepared
         self.created = int(time.time())
         self.logprob_format = LogprobFormatter(state.base.tokenizer)
+
+    @abstractmethod
+    def final_body(self, choices: list[Choice]) -> dict | list:
+        """The non-streaming answer, once every choice has finished."""
+
+    @abstractmethod
+    def stream_events(
+        self, engine_stream: EngineStream, include_usage: bool, extra: dict
+    ) -> AsyncIterator[str]:
+        """The streaming answer: SSE events, errors after the start included (the stream has begun)."""
+
+    def error_response(self, exc: BaseException) -> JSONResponse:
+        """The answer when a non-streaming generation fails."""
+        return error_response(exc)
+
+    async def respond(
+        self,
+        request: Request,
+        principal: Principal,
+        stream: bool,
+        include_usage: bool = False,
+        extra: dict | None = None,
+    ):
+        """Admits, leases and submits; then a JSON response or an SSE stream.
+
+        Errors before generation starts (limits, an unknown adapter) raise and become HTTP errors;
+        once a stream has started they arrive in-band, as the feature's stream says.
+        """
+        request.state.adapter = self.prepared.adapter
+        admit(self.state, self.prepared, principal)
+        engine_stream = EngineStream(self.state, self.prepared)
+        await engine_stream.start()  # an unknown or invalid adapter fails here, before any response
+        if stream:
+            events = self.stream_events(engine_stream, include_usage, extra or {})
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        choices = [Choice() for _ in self.prepared.generations]
+        outputs = engine_stream.outputs()
+        try:
+            async for i, output in outputs:
+                choices[i].add(output)
+                if await request.is_disconnected():
+                    break
+        finally:
+            await outputs.aclose()
+            engine_stream.close()
+        failed = next((c.error for c in choices if c.error is not None), None)
+        if failed is not None:
+            return self.error_response(failed)
+        body = self.final_body(choices)
+        return JSONResponse({**body, **(extra or {})} if extra else body)
+
+
+class GenerationServing(EngineServing):
+    """OpenAI's ``choices`` answers (chat and text completions)."""
+
+    object_name: str  # "chat.completion" / "text_completion"
+    chunk_object_name: str
+    id_prefix: str  # "chatcmpl-" / "cmpl-"
 
     # ------------------------------------------------------------------ what a feature defines
     @abstractmethod
@@ -127,43 +188,6 @@ class GenerationServing(ABC):
             "usage": usage(choices, self.prepared),
         }
 
-    async def respond(
-        self,
-        request: Request,
-        principal: Principal,
-        stream: bool,
-        include_usage: bool = False,
-        extra: dict | None = None,
-    ):
-        """Admits, leases and submits; then a JSON response or an SSE stream.
-
-        Errors before generation starts (limits, an unknown adapter) raise and become HTTP errors;
-        once a stream has started they arrive in-band as an ``error`` event before ``[DONE]``.
-        """
-        request.state.adapter = self.prepared.adapter
-        admit(self.state, self.prepared, principal)
-        engine_stream = EngineStream(self.state, self.prepared)
-        await engine_stream.start()  # an unknown or invalid adapter fails here, before any response
-        if stream:
-            events = self._events(engine_stream, include_usage, extra or {})
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        choices = [Choice() for _ in self.prepared.generations]
-        outputs = engine_stream.outputs()
-        try:
-            async for i, output in outputs:
-                choices[i].add(output)
-                if await request.is_disconnected():
-                    break
-        finally:
-            await outputs.aclose()
-            engine_stream.close()
-        failed = next((c.error for c in choices if c.error is not None), None)
-        if failed is not None:
-            return error_response(failed)
-        return JSONResponse({**self.final_body(choices), **(extra or {})})
-
     def _chunk(
         self,
         index: int,
@@ -178,9 +202,11 @@ class GenerationServing(ABC):
             "choices": [self.chunk_choice(index, text, finish_reason, first, logprobs or [])],
         }
 
-    async def _events(
+    async def stream_events(
         self, engine_stream: EngineStream, include_usage: bool, extra: dict
     ) -> AsyncIterator[str]:
+        """``chat.completion.chunk`` / ``text_completion`` chunks; an error is an ``error`` event, then
+        ``[DONE]``."""
         choices = [Choice() for _ in self.prepared.generations]
         outputs = engine_stream.outputs()
         try:

@@ -24,6 +24,18 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
+def check_stops(value: str | list[str] | None) -> list[str]:
+    """Stop sequences as a list: at most :data:`MAX_STOP_SEQUENCES`, none empty, all safe text."""
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+    for stop in stops:
+        if not stop:
+            raise ValueError("stop sequences must not be empty")
+        check_text(stop, "stop")
+    return stops
+
+
 # Parameters OpenAI defines that this server does not implement: refused (a 400 naming the field)
 # unless they carry a value that changes nothing. field -> (its no-op values, why it is refused)
 _REFUSED: dict[str, tuple[tuple, str]] = {
@@ -121,14 +133,7 @@ class SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        for s in stops:
-            if not s:
-                raise ValueError("stop sequences must not be empty")
-            check_text(s, "stop")
-        return stops
+        return check_stops(v)
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty")
     @classmethod

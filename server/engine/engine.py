@@ -414,13 +414,14 @@ class LLMEngine:
         if token in self.eos_token_ids and not params.ignore_eos:
             if params.logprobs is not None:
                 seq.pending_logprobs.pop()  # the EOS token is not part of the output
-            self._finish(seq, "stop", completion_tokens=len(seq.output_ids) + 1)
+            self._finish(seq, "stop", completion_tokens=len(seq.output_ids) + 1, eos_token=token)
             return
         seq.output_ids.append(token)
         text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         stop_at = _find_stop(text, params.stop, len(seq.text_sent))
         if stop_at is not None:
-            self._finish(seq, "stop", final_text=text[:stop_at])
+            matched = next(s for s in params.stop if text.startswith(s, stop_at))
+            self._finish(seq, "stop", final_text=text[:stop_at], stop_sequence=matched)
         elif len(seq.output_ids) >= params.max_tokens:
             self._finish(seq, "length", final_text=text)
         else:
@@ -428,7 +429,7 @@ class LLMEngine:
             if safe_end > len(seq.text_sent):
                 delta = text[len(seq.text_sent) : safe_end]
                 seq.text_sent = text[:safe_end]
-                self._emit(seq, self._output(seq, text_delta=delta, token_ids=[token]))
+                self._emit(seq, self._output(seq, text_delta=delta, token_ids=_unsent_ids(seq)))
 
     def _finish(
         self,
@@ -437,6 +438,8 @@ class LLMEngine:
         final_text: str | None = None,
         completion_tokens: int | None = None,
         error: BaseException | None = None,
+        stop_sequence: str | None = None,
+        eos_token: int | None = None,
     ) -> None:
         if seq.finished:
             return
@@ -452,6 +455,7 @@ class LLMEngine:
             final_text = seq.text_sent
         delta = final_text[len(seq.text_sent) :] if final_text.startswith(seq.text_sent) else ""
         seq.text_sent = final_text
+        token_ids = _unsent_ids(seq) + ([eos_token] if eos_token is not None else [])
         self._by_id.pop(seq.request_id, None)
         seq.request.lease.release()  # the one place a submitted sequence gives its lease share back
         self.stats.finished += 1
@@ -460,8 +464,10 @@ class LLMEngine:
             self._output(
                 seq,
                 text_delta=delta,
+                token_ids=token_ids,
                 finished=True,
                 finish_reason=reason,
+                stop_sequence=stop_sequence,
                 prompt_tokens=len(seq.request.prompt_token_ids),
                 completion_tokens=completion_tokens if completion_tokens is not None else len(seq.output_ids),
                 error=error,
@@ -480,6 +486,13 @@ class LLMEngine:
         except Exception:  # noqa: BLE001 - the receiver is gone (closed event loop): stop generating
             logger.debug("receiver of %s is gone; cancelling", seq.request_id)
             seq.cancelled = True
+
+
+def _unsent_ids(seq: Sequence) -> list[int]:
+    """The generated token ids not yet reported in an output (text may lag them: held-back stops)."""
+    ids = seq.output_ids[seq.ids_sent :]
+    seq.ids_sent = len(seq.output_ids)
+    return ids
 
 
 def _find_stop(text: str, stops: tuple[str, ...], sent_len: int) -> int | None:

@@ -22,6 +22,7 @@ class Sequence:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     text_sent: str = ""
+    ids_sent: int = 0  # how many of output_ids have been reported in an output's token_ids
     row: int | None = None  # its row in the KV cache while running
     cancelled: bool = False
     finished: bool = False

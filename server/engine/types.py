@@ -114,9 +114,12 @@ class GenerationOutput:
 
     request_id: str
     text_delta: str = ""
+    # The tokens generated since the previous output (an EOS that ended the sequence included); the
+    # text may lag them while a partial stop string or UTF-8 character is held back.
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
+    stop_sequence: str | None = None  # the stop string that ended it ("stop" without one: EOS)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None

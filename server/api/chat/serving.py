@@ -20,10 +20,11 @@ from server.api.generation_serving import Choice, GenerationServing
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict]:
     """The request's messages as plain dicts (text parts joined; ``developer`` is a system turn)."""
-    return [{"role": _template_role(m.role), "content": m.text()} for m in body.messages]
+    return [{"role": template_role(m.role), "content": m.text()} for m in body.messages]
 
 
-def _template_role(role: str) -> str:
+def template_role(role: str) -> str:
+    """The chat template's role for a wire role: OpenAI's ``developer`` is a system turn."""
     return "system" if role == "developer" else role
 
 

@@ -7,7 +7,7 @@ from fastapi import Request
 from server.api.auth import Principal
 from server.api.completions.protocol import CompletionRequest
 from server.api.deps import ServingState
-from server.api.engine_request import PreparedRequest, prepare
+from server.api.engine_request import PreparedRequest, prepare, text_prompt_ids
 from server.api.errors import APIError
 from server.api.generation_serving import Choice, GenerationServing
 from server.engine.types import GenerationOutput
@@ -71,9 +71,9 @@ def completion_prompts(state: ServingState, body: CompletionRequest) -> list[lis
     tokenizer = state.base.tokenizer
     prompt = body.prompt
     if isinstance(prompt, str):
-        return [tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        return [text_prompt_ids(state, prompt)]
     if all(isinstance(p, str) for p in prompt):
-        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt]
+        return [text_prompt_ids(state, p) for p in prompt]
     prompts = [list(prompt)] if all(isinstance(p, int) for p in prompt) else [list(p) for p in prompt]
     vocab = len(tokenizer)
     for i, ids in enumerate(prompts):

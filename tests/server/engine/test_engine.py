@@ -250,3 +250,25 @@ def test_many_rows_and_long_outputs_grow_the_cache(engine64):
     assert eng.health().alive
     again = collect(submit(eng, tok, "after", PROMPTS[1] * 2, ADAPTERS[1], params))
     assert again[1] == results[1][1]
+
+
+def test_outputs_report_every_generated_token_once_and_the_stop_string(engine):
+    eng, tok = engine
+    free = submit(eng, tok, "ids", "xyz", None, SamplingParams(max_tokens=12, temperature=0))
+    outputs = []
+    while not outputs or not outputs[-1].finished:
+        outputs.append(free.get(timeout=60))
+    ids = [t for out in outputs for t in out.token_ids]
+    text = "".join(out.text_delta for out in outputs)
+    assert len(ids) == outputs[-1].completion_tokens == 12
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert outputs[-1].stop_sequence is None
+    stop = text[3:5]
+    stopped = submit(
+        eng, tok, "ids-stop", "xyz", None, SamplingParams(max_tokens=12, temperature=0, stop=(stop,))
+    )
+    outputs = []
+    while not outputs or not outputs[-1].finished:
+        outputs.append(stopped.get(timeout=60))
+    assert outputs[-1].finish_reason == "stop" and outputs[-1].stop_sequence == stop
+    assert len([t for out in outputs for t in out.token_ids]) == outputs[-1].completion_tokens

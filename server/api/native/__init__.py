@@ -1,0 +1,1 @@
+"""LoRAX/TGI native generation: ``POST /generate``, ``/generate_stream``, ``/`` and ``GET /info``."""
