@@ -36,6 +36,7 @@ from server.api.tokenize.api_router import router as tokenize_router
 from server.config import Settings
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
 from server.engine.runner import ModelRunner
+from server.engine.structured.compiler import GrammarCompiler
 from server.engine.threads import limit_threads
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,12 @@ def build_state(settings: Settings) -> ServingState:
         default_embedding_model=settings.embedding_model,
         max_upload_bytes=settings.rag_max_upload_bytes,
     )
-    return ServingState(settings, base, store, registry, engine, context_length, rag=rag)
+    grammars = GrammarCompiler(
+        base.tokenizer,
+        vocab_size=base.model.config.get_text_config().vocab_size,
+        eos_token_ids=sorted(engine.eos_token_ids),
+    )
+    return ServingState(settings, base, store, registry, engine, context_length, rag=rag, grammars=grammars)
 
 
 def create_app(

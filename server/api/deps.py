@@ -28,6 +28,7 @@ class ServingState:
     engine: Engine
     context_length: int
     rag: Any = None  # rag.CollectionManager, when RAG is enabled
+    grammars: Any = None  # server.engine.structured.GrammarCompiler: structured outputs
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     pending: int = 0  # sequences admitted by the API and not finished (bounded by max_pending)

@@ -16,6 +16,7 @@ from server.api.deps import ServingState
 from server.api.errors import APIError
 from server.api.request_context import request_id_var
 from server.api.sampling_protocol import SamplingFields
+from server.api.structured_outputs import grammar_spec
 from server.engine.types import ContextLengthExceeded, GenerationRequest, SamplingParams
 
 SEED_MODULUS = 1 << 64  # torch generators take 64-bit seeds; choice i of n runs on seed + i (mod 2⁶⁴)
@@ -134,7 +135,14 @@ def sampling_params(
         logit_bias=_logit_bias(state, body),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        grammar=_compiled_grammar(state, body),
     )
+
+
+def _compiled_grammar(state: ServingState, body: SamplingFields):
+    """The request's output constraint compiled once per (spec, tokenizer), or None (free text)."""
+    spec = grammar_spec(body)
+    return None if spec is None else state.grammars.compile(spec)
 
 
 def _logit_bias(state: ServingState, body: SamplingFields) -> tuple[tuple[int, float], ...]:

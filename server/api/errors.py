@@ -22,6 +22,7 @@ from adapters.errors import AdapterBusy
 from adapters.registry import AdapterChanged, AdapterInUse
 from rag.errors import CollectionExists, DocumentTooLarge, UnsupportedFileType
 from server.api.embeddings.worker import EmbeddingQueueFull, EmbeddingWorkerClosed
+from server.engine.structured.row_grammar import GrammarRowFailed
 from server.engine.types import EngineUnavailable, GenerationFailed, NonFiniteLogits
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (CollectionExists, 409),
     (DocumentTooLarge, 413),
     (UnsupportedFileType, 415),
+    (GrammarRowFailed, 500),
     (LookupError, 404),
     (ValueError, 400),
 )

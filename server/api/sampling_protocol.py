@@ -40,10 +40,6 @@ def check_stops(value: str | list[str] | None) -> list[str]:
 # unless they carry a value that changes nothing. field -> (its no-op values, why it is refused)
 _REFUSED: dict[str, tuple[tuple, str]] = {
     "best_of": ((1,), "best_of is not supported by this server; use n"),
-    "response_format": (
-        ({"type": "text"},),
-        "only {'type': 'text'} is supported (JSON mode and JSON schema are not supported yet)",
-    ),
     "tools": (([],), "tools (function calling) are not supported by this server yet"),
     "tool_choice": (("none",), "tool_choice needs tools, which this server does not support yet"),
     "functions": (([],), "functions (function calling) are not supported by this server yet"),
@@ -95,7 +91,16 @@ class SamplingFields(BaseModel):
         None, description="token id (as a string) -> bias in [-100, 100] added to its logit"
     )
     best_of: Any = None
-    response_format: Any = None
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}'
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's form: one of {json, regex, choice, grammar}"
+    )
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

@@ -73,7 +73,8 @@ async def create_chat_completion(
         messages, sources = await _retrieve_into(state, body, messages, max_tokens, principal)
         extra["sources"] = sources
     prompt_ids = render_chat(state, messages)
-    prepared = prepare(state, body, [prompt_ids], max_tokens, principal)
+    # off the event loop: compiling an output grammar may take a while (bounded by its time limit)
+    prepared = await run_in_threadpool(prepare, state, body, [prompt_ids], max_tokens, principal)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     serving = ChatServing(state, prepared)
     return await serving.respond(request, principal, body.stream, include_usage, extra)

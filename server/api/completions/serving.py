@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from server.api.auth import Principal
 from server.api.completions.protocol import CompletionRequest
@@ -87,7 +88,9 @@ def completion_prompts(state: ServingState, body: CompletionRequest) -> list[lis
 async def create_completion(
     state: ServingState, body: CompletionRequest, request: Request, principal: Principal
 ):
-    prepared = prepare(state, body, completion_prompts(state, body), body.max_tokens, principal)
+    prompts = completion_prompts(state, body)
+    # off the event loop: compiling an output grammar may take a while (bounded by its time limit)
+    prepared = await run_in_threadpool(prepare, state, body, prompts, body.max_tokens, principal)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     serving = CompletionServing(state, prepared, echo=body.echo)
     return await serving.respond(request, principal, body.stream, include_usage)
