@@ -40,6 +40,7 @@ class Choice:
     error: BaseException | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None
+    eos_logprob: TokenLogprob | None = None
 
     def add(self, output: GenerationOutput) -> None:
         self.text += output.text_delta
@@ -47,6 +48,8 @@ class Choice:
         self.logprobs.extend(output.logprobs)
         if output.prompt_logprobs is not None:
             self.prompt_logprobs = output.prompt_logprobs
+        if output.eos_logprob is not None:
+            self.eos_logprob = output.eos_logprob
         if output.finished:
             self.finish_reason = output.finish_reason
             self.stop_sequence = output.stop_sequence

@@ -30,6 +30,7 @@ from server.engine.types import (
     GenerationOutput,
     GenerationRequest,
     NonFiniteLogits,
+    TokenLogprob,
 )
 
 logger = logging.getLogger(__name__)
@@ -412,9 +413,14 @@ class LLMEngine:
         params = seq.request.sampling
         self.stats.generated_tokens += 1
         if token in self.eos_token_ids and not params.ignore_eos:
-            if params.logprobs is not None:
-                seq.pending_logprobs.pop()  # the EOS token is not part of the output
-            self._finish(seq, "stop", completion_tokens=len(seq.output_ids) + 1, eos_token=token)
+            eos_logprob = seq.pending_logprobs.pop() if params.logprobs is not None else None
+            self._finish(
+                seq,
+                "stop",
+                completion_tokens=len(seq.output_ids) + 1,
+                eos_token=token,
+                eos_logprob=eos_logprob,
+            )
             return
         seq.output_ids.append(token)
         text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
@@ -440,6 +446,7 @@ class LLMEngine:
         error: BaseException | None = None,
         stop_sequence: str | None = None,
         eos_token: int | None = None,
+        eos_logprob: TokenLogprob | None = None,
     ) -> None:
         if seq.finished:
             return
@@ -468,6 +475,7 @@ class LLMEngine:
                 finished=True,
                 finish_reason=reason,
                 stop_sequence=stop_sequence,
+                eos_logprob=eos_logprob,
                 prompt_tokens=len(seq.request.prompt_token_ids),
                 completion_tokens=completion_tokens if completion_tokens is not None else len(seq.output_ids),
                 error=error,

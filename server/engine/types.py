@@ -125,6 +125,7 @@ class GenerationOutput:
     error: BaseException | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last output
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (first output only)
+    eos_logprob: TokenLogprob | None = None  # of the EOS that ended it (not part of the output text)
 
 
 @dataclass

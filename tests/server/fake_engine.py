@@ -22,7 +22,10 @@ from server.engine.types import (
     GenerationFailed,
     GenerationOutput,
     GenerationRequest,
+    TokenLogprob,
 )
+
+FAKE_LOGPROB = -0.5  # every token's logprob, when a request asks for them
 
 
 class FakeEngine:
@@ -79,7 +82,15 @@ class FakeEngine:
                 reason, error = "error", GenerationFailed("generation failed: simulated")
                 break
             text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-            emit(GenerationOutput(request.request_id, text_delta=text[len(sent) :], token_ids=[ids[n - 1]]))
+            logprobs = [] if request.sampling.logprobs is None else [TokenLogprob(ids[n - 1], FAKE_LOGPROB)]
+            emit(
+                GenerationOutput(
+                    request.request_id,
+                    text_delta=text[len(sent) :],
+                    token_ids=[ids[n - 1]],
+                    logprobs=logprobs,
+                )
+            )
             sent = text
             time.sleep(0.001)
         request.lease.release()

@@ -112,7 +112,7 @@ class NativeParameters(BaseModel):
             temperature = 0.0
         else:
             temperature = 1.0 if self.temperature is None else self.temperature
-        return SamplingFields(
+        return NativeSamplingFields(
             adapter=self.adapter_id,
             merged_adapters=self.merged_adapters,
             temperature=temperature,
@@ -123,6 +123,13 @@ class NativeParameters(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             ignore_eos=self.ignore_eos_token,
         )
+
+
+class NativeSamplingFields(SamplingFields):
+    """TGI reports every generated token's logprob (in ``details`` and in stream events)."""
+
+    def logprob_options(self) -> tuple[int | None, int | None]:
+        return 0, None
 
 
 class GenerateRequest(BaseModel):

@@ -2,8 +2,8 @@
 
 Parameters go through the same conversion as the OpenAI routes (:func:`prepare`, so adapter choice,
 tenancy, merges and limits are the same); the prompt is tokenized as ``/v1/completions`` tokenizes a
-text prompt, so greedy output is the same on both. Token logprobs are not available from the engine:
-they are sent as ``null`` (TGI's schema marks them nullable), never made up.
+text prompt, so greedy output is the same on both. Every token's logprob comes from the engine (the
+row's own distribution, before sampling transforms).
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ class NativeServing(EngineServing):
     def generated_text(self, choice: Choice) -> str:
         return (self.body.inputs if self.params.return_full_text else "") + choice.text
 
-    def token(self, token_id: int, texts: TokenTexts) -> dict:
+    def token(self, token_id: int, texts: TokenTexts, logprob: float | None) -> dict:
         return {
             "id": token_id,
             "text": texts.add(token_id),
-            "logprob": None,  # not reported by the engine yet; null rather than a made-up number
+            "logprob": logprob,  # the row's own distribution, before sampling transforms
             "special": token_id in self.special_ids,
         }
 
@@ -78,7 +78,8 @@ class NativeServing(EngineServing):
         body: dict = {"generated_text": self.generated_text(choice)}
         if self.params.details:
             texts = TokenTexts(self.state.base.tokenizer)
-            tokens = [self.token(t, texts) for t in choice.token_ids]
+            logprobs = _logprobs_by_token(choice.token_ids, choice.logprobs, choice.eos_logprob)
+            tokens = [self.token(t, texts, lp) for t, lp in zip(choice.token_ids, logprobs)]
             body["details"] = {**self.stream_details(choice), "prefill": [], "tokens": tokens}
         return [body] if self.as_list else body
 
@@ -102,10 +103,11 @@ class NativeServing(EngineServing):
                 if output.error is not None:
                     yield sse(errors.error_body(output.error))
                     return
-                for token_id in output.token_ids:
+                logprobs = _logprobs_by_token(output.token_ids, output.logprobs, output.eos_logprob)
+                for token_id, logprob in zip(output.token_ids, logprobs):
                     if held is not None:
                         yield sse({"token": held, "generated_text": None, "details": None})
-                    held = self.token(token_id, texts)
+                    held = self.token(token_id, texts, logprob)
                 if output.finished:
                     if held is None:
                         raise GenerationFailed("generation ended without producing a token")
@@ -118,6 +120,14 @@ class NativeServing(EngineServing):
         finally:
             await outputs.aclose()
             engine_stream.close()
+
+
+def _logprobs_by_token(token_ids: list[int], logprobs: list, eos_logprob) -> list[float | None]:
+    """Each token's logprob, in order (the engine reports every generated token's, the ending EOS's apart)."""
+    values = [lp.logprob for lp in logprobs]
+    if eos_logprob is not None:
+        values.append(eos_logprob.logprob)
+    return values + [None] * (len(token_ids) - len(values))
 
 
 async def create_generation(

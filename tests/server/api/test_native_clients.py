@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import httpx
 import lorax
-import pydantic
 import pytest
 import text_generation
 from lorax.types import MergedAdapters
@@ -65,7 +64,7 @@ def test_text_generation_client_generate_and_stream(server_url):
     assert response.generated_text == expected
     assert response.details.finish_reason.value in ("length", "eos_token")
     assert response.details.generated_tokens == len(response.details.tokens)
-    assert all(token.logprob is None for token in response.details.tokens)
+    assert all(token.logprob <= 0 for token in response.details.tokens)  # real logprobs
     events = list(client.generate_stream(PROMPT, max_new_tokens=MAX_NEW_TOKENS))
     assert [e.token.id for e in events] == [t.id for t in response.details.tokens]
     assert events[-1].generated_text == expected
@@ -83,17 +82,14 @@ def test_lorax_client_errors_are_its_own_exceptions(server_url):
         client.generate(PROMPT, repetition_penalty=1.3, details=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(pydantic.ValidationError, lorax.errors.UnknownError),  # its parse of a null logprob
-    reason="lorax-client's Token needs a float logprob; the engine reports none yet, and we send null "
-    "rather than a made-up number (its generate_stream, and generate with its default details=True)",
-)
 @pytest.mark.parametrize("call", ["generate_stream", "generate_with_details"])
-def test_lorax_client_token_events_wait_for_engine_logprobs(server_url, call):
+def test_lorax_client_token_events_carry_real_logprobs(server_url, call):
     client = lorax.Client(server_url, timeout=60)
     if call == "generate_stream":
         events = list(client.generate_stream(PROMPT, max_new_tokens=MAX_NEW_TOKENS, adapter_id="twin-a"))
         assert events[-1].generated_text == completion(server_url, adapter="twin-a")
+        assert all(isinstance(e.token.logprob, float) and e.token.logprob <= 0 for e in events)
     else:
-        assert client.generate(PROMPT, max_new_tokens=MAX_NEW_TOKENS).generated_text == completion(server_url)
+        response = client.generate(PROMPT, max_new_tokens=MAX_NEW_TOKENS)
+        assert response.generated_text == completion(server_url)
+        assert all(t.logprob <= 0 for t in response.details.tokens)
