@@ -16,7 +16,6 @@ from server.api.deps import ServingState
 from server.api.errors import APIError
 from server.api.request_context import request_id_var
 from server.api.sampling_protocol import SamplingFields
-from server.api.structured_outputs import grammar_spec
 from server.engine.types import ContextLengthExceeded, GenerationRequest, SamplingParams
 
 SEED_MODULUS = 1 << 64  # torch generators take 64-bit seeds; choice i of n runs on seed + i (mod 2⁶⁴)
@@ -141,7 +140,7 @@ def sampling_params(
 
 def _compiled_grammar(state: ServingState, body: SamplingFields):
     """The request's output constraint compiled once per (spec, tokenizer), or None (free text)."""
-    spec = grammar_spec(body)
+    spec = body.output_constraint()
     return None if spec is None else state.grammars.compile(spec)
 
 

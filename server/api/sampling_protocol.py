@@ -40,10 +40,6 @@ def check_stops(value: str | list[str] | None) -> list[str]:
 # unless they carry a value that changes nothing. field -> (its no-op values, why it is refused)
 _REFUSED: dict[str, tuple[tuple, str]] = {
     "best_of": ((1,), "best_of is not supported by this server; use n"),
-    "tools": (([],), "tools (function calling) are not supported by this server yet"),
-    "tool_choice": (("none",), "tool_choice needs tools, which this server does not support yet"),
-    "functions": (([],), "functions (function calling) are not supported by this server yet"),
-    "function_call": (("none",), "function_call is not supported by this server yet"),
     "store": ((False,), "store is not supported: this server keeps no completions"),
     "metadata": (({},), "metadata is only kept with store, which this server does not offer"),
 }
@@ -101,11 +97,6 @@ class SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    functions: Any = None
-    function_call: Any = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -120,6 +111,12 @@ class SamplingFields(BaseModel):
             if not (math.isfinite(bias) and -100 <= bias <= 100):
                 raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
         return v
+
+    def output_constraint(self):
+        """The grammar the output must follow (a GrammarSpec), or None for free text."""
+        from server.api.structured_outputs import grammar_spec
+
+        return grammar_spec(self)
 
     def logprob_options(self) -> tuple[int | None, int | None]:
         """(alternatives per generated token, per prompt token); None where not asked."""

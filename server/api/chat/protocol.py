@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.api.chat.tool_format import ToolFormatError, tool_call_grammar
 from server.api.collections.protocol import RagOptions
 from server.api.sampling_protocol import MAX_LOGPROBS, SamplingFields, check_text
 
@@ -23,9 +24,17 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (OpenAI's shape)
+    tool_call_id: str | None = None  # a tool turn: which call it answers
+
+    @model_validator(mode="after")
+    def _needs_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant turn with tool_calls may omit it)")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -35,6 +44,8 @@ class ChatMessage(BaseModel):
         return v
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -45,6 +56,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     rag: RagOptions | None = Field(None, description="retrieve passages from a RAG collection first")
     logprobs: bool | None = Field(None, description="return each output token's log-probability")
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None  # legacy: mapped onto tools
+    function_call: str | dict[str, Any] | None = None  # legacy: mapped onto tool_choice
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     @field_validator("top_logprobs")
@@ -56,3 +72,28 @@ class ChatCompletionRequest(SamplingFields):
 
     def logprob_options(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0, None) if self.logprobs else (None, None)
+
+    def effective_tools(self) -> tuple[list[dict[str, Any]], Any]:
+        """(tools, tool_choice), the legacy ``functions``/``function_call`` mapped onto them."""
+        if self.functions:
+            if self.tools:
+                raise ToolFormatError("functions", "send tools or the legacy functions, not both")
+            tools = [{"type": "function", "function": f} for f in self.functions]
+            call = self.function_call
+            choice = {"type": "function", "function": call} if isinstance(call, dict) else (call or "auto")
+            return tools, choice
+        return list(self.tools or []), (self.tool_choice if self.tool_choice is not None else "auto")
+
+    def uses_tools(self) -> bool:
+        tools, choice = self.effective_tools()
+        return bool(tools) and choice != "none"
+
+    def output_constraint(self):
+        tools, choice = self.effective_tools()
+        if not tools or choice == "none":
+            if self.tool_choice not in (None, "none", "auto"):
+                raise ToolFormatError("tool_choice", "tool_choice needs tools")
+            return super().output_constraint()
+        if super().output_constraint() is not None:
+            raise ToolFormatError("response_format", "send tools or an output constraint, not both")
+        return tool_call_grammar(tools, choice, self.parallel_tool_calls is not False)

@@ -11,6 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from rag.prompt import build_rag_messages, last_user_text
 from server.api.auth import Principal
 from server.api.chat.protocol import ChatCompletionRequest
+from server.api.chat.tool_call_stream import ToolCallStreamParser
+from server.api.chat.tool_format import parse_tool_calls, render_tool_messages
 from server.api.collections.api_router import check_visible
 from server.api.deps import ServingState
 from server.api.engine_request import prepare, render_chat
@@ -19,8 +21,38 @@ from server.api.generation_serving import Choice, GenerationServing
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict]:
-    """The request's messages as plain dicts (text parts joined; ``developer`` is a system turn)."""
-    return [{"role": template_role(m.role), "content": m.text()} for m in body.messages]
+    """The request's messages as plain dicts (text parts joined; ``developer`` is a system turn).
+
+    With tools, or tool turns in the history, they are rendered in the documented tool format
+    (``server/api/chat/tool_format.py``: definitions in the system turn, ``<tool_call>`` blocks,
+    ``<tool_response>`` turns), the same format the tool-call grammar generates and the parser reads.
+    """
+    has_tool_turns = any(m.role == "tool" or m.tool_calls for m in body.messages)
+    tools, choice = body.effective_tools() if hasattr(body, "effective_tools") else ([], "none")  # /tokenize
+    if not (tools and choice != "none") and not has_tool_turns:
+        return [{"role": template_role(m.role), "content": m.text()} for m in body.messages]
+    raw = [
+        {**m.model_dump(exclude_none=True), "role": template_role(m.role), "content": m.text()}
+        for m in body.messages
+    ]
+    return render_tool_messages(raw, tools, choice)
+
+
+def _wire_call(call) -> dict:
+    function = {"name": call.name, "arguments": call.arguments_json}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def _wire_call_delta(delta) -> dict:
+    wire: dict = {"index": delta.index}
+    if delta.id is not None:
+        wire["id"], wire["type"] = delta.id, "function"
+    function: dict = {}
+    if delta.name is not None:
+        function["name"] = delta.name
+    function["arguments"] = delta.arguments
+    wire["function"] = function
+    return wire
 
 
 def template_role(role: str) -> str:
@@ -33,19 +65,35 @@ class ChatServing(GenerationServing):
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
+    def __init__(self, state: ServingState, prepared, tools: bool = False):
+        super().__init__(state, prepared)
+        self.tools = tools  # parse tool calls out of the output
+        self._tool_streams: dict[int, ToolCallStreamParser] = {}
+        self._called: set[int] = set()
+
     def choice_body(self, index: int, choice: Choice) -> dict:
+        message: dict = {"role": "assistant", "content": choice.text}
+        reason = choice.finish_reason
+        if self.tools:
+            content, calls = parse_tool_calls(choice.text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = [_wire_call(c) for c in calls]
+                reason = "tool_calls" if reason == "stop" else reason
         return {
             "index": index,
-            "message": {"role": "assistant", "content": choice.text},
+            "message": message,
             "logprobs": self._logprobs(choice.logprobs),
-            "finish_reason": choice.finish_reason,
+            "finish_reason": reason,
         }
 
     def chunk_choice(
         self, index: int, text: str | None, finish_reason: str | None, first: bool, logprobs: list
     ) -> dict:
         delta: dict = {"role": "assistant"} if first else {}
-        if text is not None:
+        if self.tools and not first:
+            delta, finish_reason = self._tool_delta(index, text, finish_reason)
+        elif text is not None:
             delta["content"] = text
         return {
             "index": index,
@@ -53,6 +101,21 @@ class ChatServing(GenerationServing):
             "logprobs": self._logprobs(logprobs) if logprobs else None,
             "finish_reason": finish_reason,
         }
+
+    def _tool_delta(self, index: int, text: str | None, finish_reason: str | None) -> tuple[dict, str | None]:
+        """A streamed choice's content and OpenAI tool-call deltas (name first, then arguments)."""
+        parser = self._tool_streams.setdefault(index, ToolCallStreamParser())
+        step = parser.feed(text) if text else parser.finish() if finish_reason else None
+        delta: dict = {}
+        if step is not None:
+            if step.content:
+                delta["content"] = step.content
+            if step.tool_calls:
+                self._called.add(index)
+                delta["tool_calls"] = [_wire_call_delta(d) for d in step.tool_calls]
+        if finish_reason == "stop" and index in self._called:
+            finish_reason = "tool_calls"
+        return delta, finish_reason
 
     def _logprobs(self, items: list) -> dict | None:
         if self.prepared.generations[0].sampling.logprobs is None:
@@ -76,7 +139,7 @@ async def create_chat_completion(
     # off the event loop: compiling an output grammar may take a while (bounded by its time limit)
     prepared = await run_in_threadpool(prepare, state, body, [prompt_ids], max_tokens, principal)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    serving = ChatServing(state, prepared)
+    serving = ChatServing(state, prepared, tools=body.uses_tools())
     return await serving.respond(request, principal, body.stream, include_usage, extra)
 
 

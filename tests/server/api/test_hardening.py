@@ -245,8 +245,6 @@ def test_requests_that_can_never_fit_are_400_not_429(module_client):
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
-        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
-        ({"function_call": "auto"}, "function_call"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"store": True}, "store"),
         ({"repetition_penalty": 1.2}, "repetition_penalty"),
