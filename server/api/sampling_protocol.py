@@ -13,6 +13,23 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what a torch generator accepts
 
 
+def check_finite(value: float | None) -> float | None:
+    """Refuses NaN and infinities (None passes: the field was not given)."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def refuse_unless_no_op(value: Any, field: str, refused: dict[str, tuple[tuple, str]]) -> Any:
+    """``value`` if absent or one of ``refused[field]``'s no-op values (same type too: False is not
+    0); else a ValueError with the refusal's reason. Every route's table of refused parameters
+    goes through this one check."""
+    no_ops, reason = refused[field]
+    if value is None or any(value == v and type(value) is type(v) for v in no_ops):
+        return value
+    raise ValueError(reason)
+
+
 def check_text(value: str, field: str) -> str:
     """Refuses text that cannot be tokenized safely: lone surrogates and NUL characters."""
     if "\x00" in value:
@@ -140,14 +157,9 @@ class SamplingFields(BaseModel):
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty")
     @classmethod
     def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+        return check_finite(v)
 
     @field_validator(*_REFUSED)
     @classmethod
     def _unsupported(cls, value: Any, info) -> Any:
-        no_ops, reason = _REFUSED[info.field_name]
-        if value is None or any(value == v and type(value) is type(v) for v in no_ops):
-            return value
-        raise ValueError(reason)
+        return refuse_unless_no_op(value, info.field_name, _REFUSED)

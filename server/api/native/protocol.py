@@ -6,12 +6,18 @@ honour is accepted only at its no-op value and otherwise refused with a 400 nami
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.api.sampling_protocol import SEED_MAX, SamplingFields, check_stops, check_text
+from server.api.sampling_protocol import (
+    SEED_MAX,
+    SamplingFields,
+    check_finite,
+    check_stops,
+    check_text,
+    refuse_unless_no_op,
+)
 
 # field -> (its no-op values, why anything else is refused)
 _REFUSED: dict[str, tuple[tuple, str]] = {
@@ -83,17 +89,12 @@ class NativeParameters(BaseModel):
     @field_validator("temperature", "top_p", "frequency_penalty")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+        return check_finite(v)
 
     @field_validator(*_REFUSED)
     @classmethod
     def _unsupported(cls, value: Any, info) -> Any:
-        no_ops, reason = _REFUSED[info.field_name]
-        if value is None or any(value == v and type(value) is type(v) for v in no_ops):
-            return value
-        raise ValueError(reason)
+        return refuse_unless_no_op(value, info.field_name, _REFUSED)
 
     @model_validator(mode="after")
     def _one_adapter_form(self) -> NativeParameters:

@@ -6,12 +6,11 @@ carry their no-op value, as on the other OpenAI routes; unknown fields are refus
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.api.sampling_protocol import SamplingFields, check_text
+from server.api.sampling_protocol import SamplingFields, check_finite, check_text, refuse_unless_no_op
 
 # field -> (its no-op values, why anything else is refused)
 _REFUSED: dict[str, tuple[tuple, str]] = {
@@ -134,17 +133,12 @@ class ResponsesRequest(BaseModel):
     @field_validator("temperature", "top_p")
     @classmethod
     def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
+        return check_finite(v)
 
     @field_validator(*_REFUSED)
     @classmethod
     def _unsupported(cls, value: Any, info) -> Any:
-        no_ops, reason = _REFUSED[info.field_name]
-        if value is None or any(value == v and type(value) is type(v) for v in no_ops):
-            return value
-        raise ValueError(reason)
+        return refuse_unless_no_op(value, info.field_name, _REFUSED)
 
     def to_sampling_fields(self) -> SamplingFields:
         """The adapter and sampling fields in the shared conversion path's terms."""
