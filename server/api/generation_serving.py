@@ -23,7 +23,7 @@ from server.api.deps import ServingState
 from server.api.engine_bridge import EngineStream, admit
 from server.api.engine_request import PreparedRequest
 from server.api.errors import error_response
-from server.api.logprobs import LogprobFormatter
+from server.api.logprobs import formatter_for
 from server.engine.types import GenerationOutput, TokenLogprob
 
 
@@ -86,7 +86,7 @@ class EngineServing(ABC):
         self.state = state
         self.prepared = prepared
         self.created = int(time.time())
-        self.logprob_format = LogprobFormatter(state.base.tokenizer)
+        self.logprob_format = formatter_for(state.base.tokenizer)
 
     @abstractmethod
     def final_body(self, choices: list[Choice]) -> dict | list:

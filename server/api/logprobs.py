@@ -84,3 +84,9 @@ class LogprobFormatter:
             "top_logprobs": top_logprobs,
             "text_offset": offsets,
         }
+
+
+@lru_cache(maxsize=8)  # one per tokenizer served (tests build many apps)
+def formatter_for(tokenizer) -> LogprobFormatter:
+    """The serving tokenizer's formatter, made once: its per-token caches outlive each request."""
+    return LogprobFormatter(tokenizer)
