@@ -41,9 +41,13 @@ def tiny_adapter_sources(tiny_base_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def adapter_store_dir(tmp_path, tiny_adapter_sources) -> Path:
     """A fresh adapter store holding copies of the tiny adapters."""
-    store = tmp_path / "adapters"
+    return copy_adapter_store(tmp_path / "adapters", tiny_adapter_sources)
+
+
+def copy_adapter_store(store: Path, sources: dict[str, Path]) -> Path:
+    """A new adapter store at ``store`` holding copies of ``sources`` (name -> adapter folder)."""
     store.mkdir()
-    for name, src in tiny_adapter_sources.items():
+    for name, src in sources.items():
         shutil.copytree(src, store / name)
     return store
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
+from tests.conftest import copy_adapter_store
 
 
 def tiny_settings(tiny_base_dir, adapter_store_dir, tmp_path, **overrides) -> Settings:
@@ -30,3 +34,14 @@ def client(tiny_base_dir, adapter_store_dir, tmp_path):
     app = create_app(tiny_settings(tiny_base_dir, adapter_store_dir, tmp_path))
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+@contextmanager
+def shared_client(tmp_path_factory, tiny_base_dir, tiny_adapter_sources, name: str, **overrides) -> Iterator:
+    """One app (its own store of the tiny adapters) for a whole module: for fuzz and table tests that
+    send many requests to the same engine. ``overrides`` are settings, as for :func:`tiny_settings`."""
+    tmp = tmp_path_factory.mktemp(name)
+    store = copy_adapter_store(tmp / "adapters", tiny_adapter_sources)
+    app = create_app(tiny_settings(tiny_base_dir, store, tmp, **overrides))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client

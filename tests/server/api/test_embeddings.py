@@ -5,29 +5,19 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from server.api.embeddings.worker import EmbeddingQueueFull, EmbeddingWorker
 from server.api.errors import error_response
-from server.app import create_app
 from tests.server.conftest import tiny_settings
+from tests.server.live_server import live_server
 
 MODEL, ALIAS = "all-MiniLM-L6-v2", "text-embedding-3-small"
 TEXTS = ["The cat sat on the mat.", "Quarterly revenue grew by 12 percent.", "Bonjour le monde"]
-STARTUP_SECONDS = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +28,8 @@ def server_url(tiny_base_dir, tiny_adapter_sources, tmp_path_factory):
     store.mkdir()
     shutil.copytree(tiny_adapter_sources["attn-r4"], store / "attn-r4")
     settings = tiny_settings(tiny_base_dir, store, root, embedding_aliases={ALIAS: MODEL})
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=_free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(30)
+    with live_server(settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

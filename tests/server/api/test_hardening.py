@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.app import create_app
-from tests.server.conftest import tiny_settings
+from tests.server.conftest import shared_client
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -25,13 +22,14 @@ OK_OR_CLIENT_ERROR = {200, 400, 404}
 @pytest.fixture(scope="module")
 def module_client(tiny_base_dir, tiny_adapter_sources, tmp_path_factory):
     """One app for the fuzz tests (hypothesis runs many cases against the same engine)."""
-    tmp = tmp_path_factory.mktemp("hardening")
-    store = tmp / "adapters"
-    store.mkdir()
-    for name, src in tiny_adapter_sources.items():
-        shutil.copytree(src, store / name)
-    app = create_app(tiny_settings(tiny_base_dir, store, tmp, max_loaded_adapters=8, max_pending=16))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with shared_client(
+        tmp_path_factory,
+        tiny_base_dir,
+        tiny_adapter_sources,
+        "hardening",
+        max_loaded_adapters=8,
+        max_pending=16,
+    ) as client:
         yield client
 
 

@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from server.app import create_app
-from tests.server.conftest import tiny_settings
+from tests.server.conftest import shared_client
 
 PROMPT = "the quick brown fox"
 
 
 @pytest.fixture(scope="module")
 def lp_client(tiny_base_dir, tiny_adapter_sources, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("logprobs")
-    store = tmp / "adapters"
-    store.mkdir()
-    for name, src in tiny_adapter_sources.items():
-        shutil.copytree(src, store / name)
-    app = create_app(tiny_settings(tiny_base_dir, store, tmp, max_loaded_adapters=4, dtype="float32"))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with shared_client(
+        tmp_path_factory,
+        tiny_base_dir,
+        tiny_adapter_sources,
+        "logprobs",
+        max_loaded_adapters=4,
+        dtype="float32",
+    ) as client:
         yield client
 
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 
 import jsonschema
 import pytest
-from fastapi.testclient import TestClient
 
-from server.app import create_app
-from tests.server.conftest import tiny_settings
+from tests.server.conftest import shared_client
 
 CHAT = {"messages": [{"role": "user", "content": "Answer me."}], "max_tokens": 40, "temperature": 0}
 FLAG_SCHEMA = {
@@ -34,13 +31,14 @@ FLAG_FORMAT = schema_format(FLAG_SCHEMA)
 
 @pytest.fixture(scope="module")
 def so_client(tiny_base_dir, tiny_adapter_sources, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("structured")
-    store = tmp / "adapters"
-    store.mkdir()
-    for name, src in tiny_adapter_sources.items():
-        shutil.copytree(src, store / name)
-    app = create_app(tiny_settings(tiny_base_dir, store, tmp, max_loaded_adapters=4, dtype="float32"))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with shared_client(
+        tmp_path_factory,
+        tiny_base_dir,
+        tiny_adapter_sources,
+        "structured",
+        max_loaded_adapters=4,
+        dtype="float32",
+    ) as client:
         yield client
 
 
