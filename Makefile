@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # Re-runs only when the project's dependencies change; a second `make install` does nothing.
-$(STAMP): pyproject.toml adapters/kernels/bgmv.cpp
+$(STAMP): pyproject.toml $(wildcard adapters/kernels/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0

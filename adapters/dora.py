@@ -28,6 +28,8 @@ MAGNITUDE_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitu
 
 def dequantized_weight(linear: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` float32 weight a linear layer computes with (bitsandbytes NF4/int8 or plain)."""
+    if hasattr(linear, "dequantized"):  # adapters.int8_linear.Int8Linear (w8)
+        return linear.dequantized()
     weight = linear.weight
     kind = type(weight).__name__
     if kind == "Params4bit":

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapters.base_model import QUANTIZATIONS, BaseModelError, load_base_model
+from adapters.base_model import SERVING_QUANTIZATIONS, BaseModelError, load_base_model
 from adapters.batched_lora import BatchedLoRAModel
 from adapters.dora import fold_dora
 from adapters.errors import AdapterInvalid
@@ -123,8 +123,10 @@ def export_merged_model(
     """
     base_model_dir, adapter_dir, out_dir = Path(base_model_dir), Path(adapter_dir), Path(out_dir)
     adapter_name = adapter_name or adapter_dir.name
-    if quantization not in QUANTIZATIONS:  # before the expensive part
-        raise BaseModelError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+    if quantization not in SERVING_QUANTIZATIONS:  # before the expensive part
+        raise BaseModelError(
+            f"quantization must be one of {', '.join(SERVING_QUANTIZATIONS)}, not {quantization!r}"
+        )
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite to replace it")
     _refuse_virtual_tokens(adapter_dir, adapter_name)

@@ -28,7 +28,11 @@ class Settings(SharedSettings):
         None,
         description="local HF causal-LM dir or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
     )
-    quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="bitsandbytes quantization")
+    quantization: Literal["auto", "w8", "nf4", "int8", "none"] = Field(
+        "auto",
+        description="base weights: w8 (int8 weight-only, loraplex's CPU kernel, fp32 compute), nf4/int8 "
+        "(bitsandbytes), none; auto: w8 on the CPU when its kernel is built, else nf4",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="compute dtype (auto: bfloat16 on GPUs and on CPUs with native bf16, else float32)",
@@ -112,6 +116,12 @@ class Settings(SharedSettings):
                 raise ValueError(f"{item!r} is not ALIAS=MODEL_ID")
             aliases[alias.strip()] = target.strip()
         return aliases
+
+    @model_validator(mode="after")
+    def _check_quantization_dtype(self) -> Settings:
+        if self.quantization == "w8" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"--quantization w8 computes in float32; --dtype {self.dtype} does not apply")
+        return self
 
     @model_validator(mode="after")
     def _check_embedding_settings(self) -> Settings:

@@ -19,7 +19,7 @@ from adapters.shared_settings import KernelSettings
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("bgmv.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("bgmv.cpp", "int8_linear.cpp", "bindings.cpp")]
 
 
 def _cpu_signature() -> str:
@@ -43,21 +43,34 @@ def _build_dir() -> Path:
 
 
 @cache
-def bgmv():
-    """The compiled ``bgmv_`` op, or None when it cannot be built here (the caller falls back)."""
+def _module():
+    """The compiled kernels' module, or None when it cannot be built here (callers fall back)."""
     if KernelSettings().no_kernels:
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(
-            name="loraplex_bgmv",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+        return load(
+            name="loraplex_kernels",
+            sources=[str(source) for source in _SOURCES],
+            # -ffp-contract=off: no multiply-adds fused per call site, so a row computes the same
+            # whichever path (one row, a tile, a tail) its batch sends it through
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"],
             build_directory=str(_build_dir()),
             verbose=False,
         )
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, an exotic platform: fall back
-        logger.warning("compiled LoRA kernel unavailable (%s); using the plain PyTorch path", e)
+        logger.warning("compiled CPU kernels unavailable (%s); using the plain PyTorch paths", e)
         return None
-    return module.bgmv_
+
+
+def bgmv():
+    """The per-row LoRA op ``bgmv_(y, x, A, Bt, slots, ranks)`` (adds in place), or None."""
+    module = _module()
+    return None if module is None else module.bgmv_
+
+
+def int8_linear():
+    """The weight-only int8 linear op ``int8_linear(x, weight, scale, bias) -> y``, or None."""
+    module = _module()
+    return None if module is None else module.int8_linear

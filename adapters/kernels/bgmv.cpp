@@ -71,5 +71,3 @@ void bgmv_(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor Bt, 
                         A.size(1));
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("bgmv_", &bgmv_, "per-row LoRA delta added in place"); }

@@ -1,0 +1,11 @@
+// The Python module of loraplex's CPU kernels (one build, one import).
+#include <torch/extension.h>
+
+void bgmv_(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor Bt, torch::Tensor slots,
+           torch::Tensor ranks);
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bgmv_", &bgmv_, "per-row LoRA delta added in place");
+  m.def("int8_linear", &int8_linear, "weight-only int8 linear, batch-invariant per row");
+}
