@@ -40,7 +40,7 @@ def engine_attention(
     decode_step = query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool
     plain = dropout == 0.0 and "softcap" not in kwargs and getattr(module, "sliding_window", None) is None
     if decode_step and plain:
-        return _decode(query, key, value, attention_mask, scaling), None
+        return decode_attention(query, key, value, attention_mask, scaling), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
@@ -67,9 +67,11 @@ def _packed_prefill(
     return out.transpose(1, 2).contiguous()
 
 
-def _decode(
+def decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling
 ) -> torch.Tensor:
+    """One query token per row ``(B, H, 1, D)`` against the batch cache ``(B, KVH, S, D)`` with the
+    boolean mask ``(B, 1, 1, S)``; returns ``(B, 1, H, D)``."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5

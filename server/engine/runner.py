@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from adapters.batched_lora import BatchedLoRAModel
 from server.engine.attention import use_engine_attention
 from server.engine.kv_cache import BatchKVCache
+from server.engine.llama_decode import LlamaDecodeStep, supports_fast_decode
 from server.engine.types import TokenLogprob
 
 
@@ -32,7 +33,13 @@ class ModelRunner:
     every running row together, each row with its own adapter, in a single forward pass.
     """
 
-    def __init__(self, model: torch.nn.Module, lora: BatchedLoRAModel, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lora: BatchedLoRAModel,
+        device: torch.device,
+        fast_decode: bool = True,
+    ):
         self.model = model
         self.lora = lora
         self.device = device
@@ -44,6 +51,10 @@ class ModelRunner:
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         kv_dtype = model.get_input_embeddings().weight.dtype  # the dtype keys and values are computed in
         self.kv = BatchKVCache(config.num_hidden_layers, kv_heads, head_dim, kv_dtype, device)
+        # Llama-family decode steps skip transformers' per-layer plumbing (server/engine/llama_decode.py)
+        self.fast_decode = (
+            LlamaDecodeStep(model, self.kv) if fast_decode and supports_fast_decode(model) else None
+        )
 
     @torch.inference_mode()
     def prefill(self, prompts: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, int]]:
@@ -155,15 +166,18 @@ class ModelRunner:
         input_ids = torch.tensor(last_token_ids, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         attention, position_ids = self.kv.begin_step()
         with self.lora.rows(slots):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                position_ids=position_ids,
-                past_key_values=self.kv.as_hf_cache(),
-                use_cache=True,
-            )
+            if self.fast_decode is not None:
+                logits = self.fast_decode(input_ids, attention, position_ids)
+            else:
+                logits = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    position_ids=position_ids,
+                    past_key_values=self.kv.as_hf_cache(),
+                    use_cache=True,
+                ).logits[:, -1]
         self.kv.end_step()
-        return out.logits[:, -1]
+        return logits
 
     def remove_row(self, row: int) -> int | None:
         return self.kv.remove_row(row)
