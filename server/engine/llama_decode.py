@@ -76,7 +76,7 @@ class LlamaDecodeStep:
     def __call__(
         self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Logits ``(B, V)`` for ``input_ids`` ``(B, 1)``; ``mask`` ``(B, 1, 1, S)``; writes this step's K/V."""
+        """Logits ``(B, V)`` for ``input_ids`` ``(B, 1)``, mask ``(B, 1, 1, S)``; writes the step's K/V."""
         batch = input_ids.shape[0]
         x = self.embed(input_ids)[:, 0]  # (B, H)
         cos, sin = self.decoder.rotary_emb(x[:, None], position_ids)  # (B, 1, D) each
