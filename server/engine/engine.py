@@ -50,7 +50,7 @@ class EngineConfig:
     context_length: int = 2048
     prefill_worker: bool = False  # prefill in a second thread while the engine thread decodes
     cpu_threads: int | None = None  # compute threads of each engine thread (None: leave as they are)
-    grammar_mask_threads: int | None = None  # llguidance's mask-fill threads (None: its default)
+    grammar_mask_threads: int | None = None  # llguidance mask-fill threads (None: a quarter of the CPUs)
 
 
 class LLMEngine:

@@ -110,6 +110,8 @@ def sample_row(
     """
     scores = row_scores(logits, output_ids, params, adapter)
     if grammar is not None:
+        if scores is logits:  # float32 and no penalty: mask a copy, the caller's logits stay raw (logprobs)
+            scores = scores.clone()
         grammar.apply(scores)  # disallowed tokens to -inf (a complete grammar allows only EOS)
     return pick_token(scores, params, generator, adapter)
 
