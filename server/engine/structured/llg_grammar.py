@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from server.engine.structured.number_caps import cap_numbers
 from server.engine.structured.spec import GrammarInvalid, GrammarSpec, ToolCallFormat
 
 JSON_LAYOUT: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -43,8 +44,9 @@ def to_llguidance(spec: GrammarSpec) -> str:
 def json_schema_grammar(spec: GrammarSpec) -> str:
     import llguidance
 
+    schema = cap_numbers(json.loads(str(spec.payload)))  # digits bounded: see number_caps.py
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(str(spec.payload), defaults=JSON_LAYOUT)
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
     except ValueError as e:
         raise GrammarInvalid(spec.param, str(e)) from e
 
@@ -90,7 +92,7 @@ def tool_call_schema(name: str, parameters_json: str, param: str) -> dict[str, A
         raise GrammarInvalid(param, f"the parameters of tool {name!r} are not JSON: {e}") from e
     return {
         "type": "object",
-        "properties": {"name": {"const": name}, "arguments": parameters},
+        "properties": {"name": {"const": name}, "arguments": cap_numbers(parameters)},
         "required": ["name", "arguments"],
         "additionalProperties": False,
         "x-guidance": JSON_LAYOUT,
