@@ -105,7 +105,8 @@ def tool_calls_lark(fmt: ToolCallFormat, param: str) -> str:
     ``param`` is the tools' request field; a bad tool's error names ``<param>[i].function.parameters``.
 
     In ``auto`` the text is a lazy lexeme that ends at the first ``begin``: free text is unconstrained
-    until a call opens, and after a call only more calls (with ``parallel``) or the end may follow.
+    until a call opens, and after a call only more calls (with ``parallel``, up to ``max_calls``) or the
+    end may follow.
     """
     for i, (_, parameters_json) in enumerate(fmt.tools):
         check_parameters_schema(parameters_json, f"{param}[{i}].function.parameters")
@@ -117,7 +118,9 @@ def tool_calls_lark(fmt: ToolCallFormat, param: str) -> str:
     if not tools:
         raise GrammarInvalid(param, "tool calling needs at least one tool")
     begin, end = json.dumps(fmt.begin), json.dumps(fmt.end)
-    more = f' ("\\n"? {begin} body)*' if fmt.parallel else ""
+    if fmt.max_calls < 1:
+        raise GrammarInvalid(param, f"max_calls must be at least 1, got {fmt.max_calls}")
+    more = f' ("\\n"? {begin} body){{0,{fmt.max_calls - 1}}}' if fmt.parallel and fmt.max_calls > 1 else ""
     if fmt.mode == "auto":
         start = f"start: TEXT | opening body{more}\nopening[lazy]: TEXT {begin}\nTEXT: /{ANY_TEXT}/"
     else:
