@@ -1,7 +1,9 @@
 """xgrammar against llguidance on the default model's tokenizer: compile time, mask time, memory.
 
-Run: ``python -m benchmarks.grammar_bench [--repeats N] [--tokenizer DIR]``. Prints a Markdown table of
-medians over the repeats. Each library compiles every grammar from nothing (xgrammar's own cache off);
+Run: ``python -m benchmarks.grammar_bench [--repeats N] [--tokenizer DIR]``; with ``--step``, the cost
+of constrained rows in a batch-32 decode step (``benchmarks/grammar_step_bench.py``).
+Prints a Markdown table of medians over the repeats. Each library compiles every grammar from nothing
+(xgrammar's own cache off);
 "compile" is spec → a matcher ready for its first mask, "first mask" is that first mask alone, "mask"
 is the median fill time of one row's bitmask per step while walking a valid output token by token
 (the output is the tokenizer's own encoding of a valid document, as a model would produce it).
@@ -226,7 +228,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the converted base)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--step", action="store_true", help="step overhead of 0-32 constrained rows (grammar_step_bench)"
+    )
+    args, rest = parser.parse_known_args()
+    if args.step:
+        from benchmarks.grammar_step_bench import run
+
+        run(rest + (["--tokenizer", args.tokenizer] if args.tokenizer else []))
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(args.tokenizer)
     vocab_size = len(tokenizer)

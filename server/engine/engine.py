@@ -17,8 +17,9 @@ import torch
 
 from adapters.registry import AdapterRegistry
 from server.engine.runner import ModelRunner, Prefilled
-from server.engine.sampling import make_generator, sample_row, token_logprob
+from server.engine.sampling import make_generator, token_logprob
 from server.engine.scheduler import Scheduler, Sequence
+from server.engine.step_sampler import RowToSample, StepSampler
 from server.engine.structured.row_grammar import GrammarRowFailed
 from server.engine.threads import limit_threads
 from server.engine.types import (
@@ -49,6 +50,7 @@ class EngineConfig:
     context_length: int = 2048
     prefill_worker: bool = False  # prefill in a second thread while the engine thread decodes
     cpu_threads: int | None = None  # compute threads of each engine thread (None: leave as they are)
+    grammar_mask_threads: int | None = None  # llguidance mask-fill threads (None: a quarter of the CPUs)
 
 
 class LLMEngine:
@@ -76,6 +78,7 @@ class LLMEngine:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(config.max_running, config.max_prefills_per_step)
+        self.sampler = StepSampler(config.max_running, config.grammar_mask_threads)
         runner.kv.reserve_rows(min(config.max_running, 32))  # 32 rows × 64 columns: ~47 MB in bf16
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -316,8 +319,7 @@ class LLMEngine:
         self.stats.decode_seconds += time.perf_counter() - started
         self.stats.decode_rows += len(slots)
         # Rows move when a sequence leaves (swap-remove), so pair each sequence with its row first.
-        for row, seq in enumerate(list(self.scheduler.running)):
-            self._advance(seq, logits[row])
+        self._advance_all([(seq, logits[row]) for row, seq in enumerate(list(self.scheduler.running))])
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefills ``seqs`` packed in one forward pass in this thread; they join the batch."""
@@ -375,22 +377,44 @@ class LLMEngine:
             self.scheduler.join(seq, row)
             self.stats.prompt_tokens += len(seq.request.prompt_token_ids)
         now = time.perf_counter()
-        for (seq, item), (logits, _) in zip(live, results):
+        for seq, item in live:
             seq.first_token_time = now
             seq.prompt_logprobs = item.prompt_logprobs
-            self._advance(seq, logits)
+        self._advance_all([(seq, logits) for (seq, _), (logits, _) in zip(live, results)])
 
     # ------------------------------------------------------------------ tokens → text
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Samples one row's next token and hands it on; a failure here fails this request only."""
+    def _advance_all(self, rows: list[tuple[Sequence, torch.Tensor]]) -> None:
+        """Samples every row's next token in one step (one grammar mask for the constrained rows) and
+        hands each on; a row's failure fails that request only."""
+        sampled = []
+        for seq, logits in rows:
+            if seq.request.sampling.max_tokens == 0:  # echo with max_tokens 0: the prompt (+ logprobs) only
+                self._finish(seq, "length")
+            else:
+                sampled.append((seq, logits))
+        outcomes = self.sampler.sample(
+            [
+                RowToSample(
+                    logits,
+                    seq.output_ids,
+                    seq.request.sampling,
+                    seq.generator,
+                    seq.request.adapter,
+                    seq.grammar,
+                )
+                for seq, logits in sampled
+            ]
+        )
+        for (seq, logits), outcome in zip(sampled, outcomes):
+            self._advance(seq, logits, outcome)
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, outcome: int | Exception) -> None:
+        """Hands on one row's sampled token (or fails the row with the error its sampling met)."""
         params = seq.request.sampling
         try:
-            if params.max_tokens == 0:  # echo with max_tokens 0: the prompt (and its logprobs) only
-                self._finish(seq, "length")
-                return
-            token = sample_row(
-                logits, seq.output_ids, params, seq.generator, seq.request.adapter, seq.grammar
-            )
+            if isinstance(outcome, Exception):
+                raise outcome
+            token = outcome
             if seq.grammar is not None and not seq.grammar.accept(token):
                 raise GrammarRowFailed(seq.grammar.error or f"token {token} is not allowed by the grammar")
             if params.logprobs is not None:

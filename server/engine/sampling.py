@@ -57,6 +57,40 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def row_scores(
+    logits: torch.Tensor, output_ids: list[int], params: SamplingParams, adapter: str | None = None
+) -> torch.Tensor:
+    """One row's scores ``(V,)`` before its grammar mask: float32, penalties and bias applied.
+
+    Raises:
+        NonFiniteLogits: the row's logits hold NaN or infinity.
+    """
+    logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits(adapter)
+    return apply_logit_bias(apply_penalties(logits, output_ids, params), params)
+
+
+def pick_token(
+    scores: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    adapter: str | None = None,
+) -> int:
+    """The next token from one row's (masked) scores ``(V,)``: greedy, or temperature / top-k / top-p.
+
+    Raises:
+        NonFiniteLogits: the sampling distribution is not finite or is empty.
+    """
+    if params.greedy:
+        return int(torch.argmax(scores))
+    scores = filter_top_k_top_p(scores / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(scores, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        raise NonFiniteLogits(adapter)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def sample_row(
     logits: torch.Tensor,
     output_ids: list[int],
@@ -68,22 +102,18 @@ def sample_row(
     """Picks the next token for one sequence from its logits ``(V,)``; a ``grammar`` (the row's
     RowGrammar) masks what it does not allow, after penalties and bias, before temperature.
 
+    The engine samples a step's rows with :class:`server.engine.step_sampler.StepSampler` (one mask
+    fill and one apply for all constrained rows); this per-row form is the reference it must equal.
+
     Raises:
         NonFiniteLogits: the row's scores (or its sampling distribution) hold NaN or infinity.
     """
-    logits = logits.float()
-    if not bool(torch.isfinite(logits).all()):
-        raise NonFiniteLogits(adapter)
-    logits = apply_logit_bias(apply_penalties(logits, output_ids, params), params)
+    scores = row_scores(logits, output_ids, params, adapter)
     if grammar is not None:
-        grammar.apply(logits)  # disallowed tokens to -inf (a complete grammar allows only EOS)
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
-        raise NonFiniteLogits(adapter)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        if scores is logits:  # float32 and no penalty: mask a copy, the caller's logits stay raw (logprobs)
+            scores = scores.clone()
+        grammar.apply(scores)  # disallowed tokens to -inf (a complete grammar allows only EOS)
+    return pick_token(scores, params, generator, adapter)
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

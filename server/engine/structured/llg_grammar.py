@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from server.engine.structured.number_caps import cap_numbers
 from server.engine.structured.spec import GrammarInvalid, GrammarSpec, ToolCallFormat
 
 JSON_LAYOUT: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -43,8 +44,9 @@ def to_llguidance(spec: GrammarSpec) -> str:
 def json_schema_grammar(spec: GrammarSpec) -> str:
     import llguidance
 
+    schema = cap_numbers(json.loads(str(spec.payload)))  # digits bounded: see number_caps.py
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(str(spec.payload), defaults=JSON_LAYOUT)
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
     except ValueError as e:
         raise GrammarInvalid(spec.param, str(e)) from e
 
@@ -90,7 +92,7 @@ def tool_call_schema(name: str, parameters_json: str, param: str) -> dict[str, A
         raise GrammarInvalid(param, f"the parameters of tool {name!r} are not JSON: {e}") from e
     return {
         "type": "object",
-        "properties": {"name": {"const": name}, "arguments": parameters},
+        "properties": {"name": {"const": name}, "arguments": cap_numbers(parameters)},
         "required": ["name", "arguments"],
         "additionalProperties": False,
         "x-guidance": JSON_LAYOUT,
@@ -103,7 +105,8 @@ def tool_calls_lark(fmt: ToolCallFormat, param: str) -> str:
     ``param`` is the tools' request field; a bad tool's error names ``<param>[i].function.parameters``.
 
     In ``auto`` the text is a lazy lexeme that ends at the first ``begin``: free text is unconstrained
-    until a call opens, and after a call only more calls (with ``parallel``) or the end may follow.
+    until a call opens, and after a call only more calls (with ``parallel``, up to ``max_calls``) or the
+    end may follow.
     """
     for i, (_, parameters_json) in enumerate(fmt.tools):
         check_parameters_schema(parameters_json, f"{param}[{i}].function.parameters")
@@ -115,7 +118,9 @@ def tool_calls_lark(fmt: ToolCallFormat, param: str) -> str:
     if not tools:
         raise GrammarInvalid(param, "tool calling needs at least one tool")
     begin, end = json.dumps(fmt.begin), json.dumps(fmt.end)
-    more = f' ("\\n"? {begin} body)*' if fmt.parallel else ""
+    if fmt.max_calls < 1:
+        raise GrammarInvalid(param, f"max_calls must be at least 1, got {fmt.max_calls}")
+    more = f' ("\\n"? {begin} body){{0,{fmt.max_calls - 1}}}' if fmt.parallel and fmt.max_calls > 1 else ""
     if fmt.mode == "auto":
         start = f"start: TEXT | opening body{more}\nopening[lazy]: TEXT {begin}\nTEXT: /{ANY_TEXT}/"
     else:

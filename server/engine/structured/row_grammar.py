@@ -81,20 +81,9 @@ class RowGrammar:
         Raises:
             GrammarRowFailed: the matcher is in an error state.
         """
-        row = bitmask[index]
-        if row.dtype != torch.int32 or row.device.type != "cpu" or not row.is_contiguous():
-            raise ValueError(
-                f"the bitmask must be a contiguous CPU int32 tensor, not {row.dtype} on {row.device}"
-            )
-        if row.numel() * 32 < self.vocab.vocab_size:
-            raise ValueError(f"a bitmask row of {row.numel()} words cannot hold {self.vocab.vocab_size} ids")
-        self._raise_if_failed()
-        if self._terminated or self.is_complete():
-            row.copy_(self.vocab.eos_words)
-            return
-        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
-        self._raise_if_failed()
-        row.bitwise_and_(self.vocab.valid_words)
+        check_bitmask(bitmask, self.vocab)
+        if fill_masks([self], bitmask[index : index + 1]):
+            raise GrammarRowFailed(self._error or "the grammar failed")
 
     def apply(self, logits_row: torch.Tensor) -> None:
         """Set this row's disallowed logits to ``-inf`` in place (a ``(V,)`` float row, any device)."""
@@ -115,26 +104,61 @@ class RowGrammar:
             return False
         return True
 
-    def _raise_if_failed(self) -> None:
-        if self._matcher.is_error():
+    def _check_failed(self) -> bool:
+        """True once the row cannot go on (its matcher is in error, or a token was rejected)."""
+        if self._error is None and self._matcher.is_error():
             self._error = self._matcher.get_error()
-            raise GrammarRowFailed(self._error)
-        if self._error is not None:
-            raise GrammarRowFailed(self._error)
+        return self._error is not None
+
+    def _needs_matcher_mask(self) -> bool:
+        """False when only EOS may follow, so the mask is known without asking the matcher."""
+        return not (self._terminated or self.is_complete())
 
 
-def fill_masks(rows: Sequence[RowGrammar], bitmask: torch.Tensor) -> list[int]:
-    """Fill ``bitmask[i]`` for each ``rows[i]`` (a CPU ``(len(rows), words)`` int32 tensor).
+def check_bitmask(bitmask: torch.Tensor, vocab: GrammarVocab) -> None:
+    """Refuse a bitmask llguidance cannot write into: it must be a contiguous CPU ``(B, words)`` int32."""
+    if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not bitmask.is_contiguous():
+        raise ValueError(
+            f"the bitmask must be a contiguous CPU int32 tensor, not {bitmask.dtype} on {bitmask.device}"
+        )
+    if bitmask.dim() != 2 or bitmask.shape[1] * 32 < vocab.vocab_size:
+        raise ValueError(f"a bitmask of shape {tuple(bitmask.shape)} cannot hold {vocab.vocab_size} ids")
+
+
+def fill_masks(rows: Sequence[RowGrammar], bitmask: torch.Tensor, executor: Any = None) -> list[int]:
+    """Fill ``bitmask[i]`` for each ``rows[i]`` (a CPU ``(≥ len(rows), words)`` int32 tensor).
+
+    Rows whose grammar is complete (or ended) get the EOS-only mask without asking their matcher; the
+    others are computed in one llguidance call, across ``executor``'s threads when one is given
+    (an ``llguidance.LLExecutor``), else one after another.
 
     Returns:
         The indices of the rows that failed (their ``error`` says why); their mask allows only EOS so
         the step stays finite, and the engine should finish them with an error.
     """
-    failed = []
-    for index, row in enumerate(rows):
-        try:
-            row.fill_mask(bitmask, index)
-        except GrammarRowFailed:
-            bitmask[index].copy_(row.vocab.eos_words)
-            failed.append(index)
+    if not rows:
+        return []
+    vocab = rows[0].vocab
+    check_bitmask(bitmask, vocab)
+    if len(rows) > bitmask.shape[0]:
+        raise ValueError(f"a bitmask of {bitmask.shape[0]} rows cannot hold {len(rows)} masks")
+    row_bytes = bitmask.shape[1] * bitmask.element_size()
+    failed = [i for i, row in enumerate(rows) if row._check_failed()]
+    computed = [i for i, row in enumerate(rows) if i not in failed and row._needs_matcher_mask()]
+    if computed:
+        pairs = [(rows[i]._matcher, i) for i in computed]
+        if executor is not None and len(pairs) > 1:
+            executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+        else:
+            for matcher, i in pairs:
+                matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
+        newly_failed = [i for i in computed if rows[i]._check_failed()]
+        failed = sorted(failed + newly_failed)
+        index = torch.tensor(computed)
+        bitmask[index] = bitmask[index] & vocab.valid_words  # ids past the tokenizer never
+    for i, row in enumerate(rows):
+        if i in failed or not row._needs_matcher_mask():
+            bitmask[i].copy_(vocab.eos_words)
+    for i in failed:
+        logger.debug("grammar row %d failed: %s", i, rows[i].error)
     return failed

@@ -18,6 +18,8 @@ GRAMMAR_KINDS: tuple[str, ...] = (
     "tool_calls",
 )
 
+MAX_PARALLEL_TOOL_CALLS = 8  # calls in one output with parallel_tool_calls (see ToolCallFormat)
+
 # Where each kind comes from on the wire, for error messages when the caller names nothing else.
 DEFAULT_PARAMS: dict[str, str] = {
     "json_object": "response_format",
@@ -52,7 +54,9 @@ class ToolCallFormat:
 
     ``mode`` is ``required`` (the output is only calls), ``auto`` (free text, and calls once ``begin`` is
     written), or a tool's name (one call of that tool). ``tools`` pairs each name with its parameters
-    JSON schema, as canonical JSON text so the spec stays hashable.
+    JSON schema, as canonical JSON text so the spec stays hashable. With ``parallel`` at most
+    ``max_calls`` calls are written, then only EOS: a small model that prefers another ``<tool_call>``
+    to ending would otherwise repeat calls until ``max_tokens`` and cut the last one off.
     """
 
     tools: tuple[tuple[str, str], ...]
@@ -60,6 +64,7 @@ class ToolCallFormat:
     parallel: bool = True
     begin: str = "<tool_call>"
     end: str = "</tool_call>"
+    max_calls: int = MAX_PARALLEL_TOOL_CALLS
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,7 @@ def payload_jsonable(payload: Any) -> Any:
             "parallel": payload.parallel,
             "begin": payload.begin,
             "end": payload.end,
+            "max_calls": payload.max_calls,
         }
     if isinstance(payload, tuple):
         return list(payload)

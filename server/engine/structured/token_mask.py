@@ -77,9 +77,22 @@ def apply_token_bitmask_(
     vocab_size = logits.shape[-1]
     if bitmask.shape[-1] * BITS_PER_WORD < vocab_size:
         raise ValueError(f"bitmask covers {bitmask.shape[-1] * BITS_PER_WORD} ids, logits have {vocab_size}")
-    disallowed = unpack_bits(~bitmask.to(logits.device, non_blocking=True), vocab_size)  # (R, V)
     if rows is None:
-        logits.masked_fill_(disallowed, float("-inf"))
+        mask_all_rows_(logits, bitmask)
         return
     index = torch.as_tensor(list(rows), dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill_(disallowed, float("-inf"))
+    selected = logits[index]  # (R, V), a copy
+    mask_all_rows_(selected, bitmask)
+    logits[index] = selected
+
+
+def mask_all_rows_(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """``logits[r, i] = -inf`` where bit ``i`` of ``bitmask[r]`` is clear; ``(R, V)`` and ``(R, words)``.
+
+    Unpacking to bools and one ``masked_fill_`` over all rows: on JSON-schema masks of the SmolLM2
+    vocabulary this is ~1 ms for 32 rows (one thread). A 256-entry byte lookup of 0 / -inf addends was
+    tried and is 2x faster on random masks but 2x slower on real ones (mostly all-allowed or nearly
+    empty, where ``masked_fill_`` is cheap).
+    """
+    disallowed = unpack_bits(~bitmask.to(logits.device, non_blocking=True), logits.shape[-1])  # (R, V)
+    logits.masked_fill_(disallowed, float("-inf"))

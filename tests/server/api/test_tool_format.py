@@ -20,7 +20,14 @@ from server.api.chat.tool_format import (
     tool_call_block,
     tool_call_grammar,
 )
-from server.engine.structured import GrammarCompiler, GrammarInvalid, GrammarSpec
+from server.engine.structured import (
+    GrammarCompiler,
+    GrammarInvalid,
+    GrammarSpec,
+    allocate_bitmask,
+    allowed_ids,
+)
+from server.engine.structured.spec import MAX_PARALLEL_TOOL_CALLS
 from tests.grammar_walk import TokenClasses, load_test_tokenizer, make_compiler, random_walk, token_classes
 from tests.tiny_models import make_tokenizer
 
@@ -352,3 +359,27 @@ def test_a_malformed_tool_is_named(tool):
     with pytest.raises(ToolFormatError) as raised:
         render_tool_messages([{"role": "user", "content": "hi"}], [TOOLS[0], tool])
     assert raised.value.param == "tools[1]"
+
+
+CALL_TEXT = '<tool_call>{"name": "add", "arguments": {"x": 1, "y": 2}}</tool_call>'
+
+
+@pytest.mark.parametrize(
+    ("max_calls", "calls_written", "may_go_on"), [(2, 1, True), (2, 2, False), (8, 7, True)]
+)
+def test_parallel_calls_end_after_max_calls(compiler, tokenizer, max_calls, calls_written, may_go_on):
+    spec = tool_call_grammar(TOOLS, "required", parallel_tool_calls=True)
+    spec = dataclasses.replace(spec, payload=dataclasses.replace(spec.payload, max_calls=max_calls))
+    row = compiler.compile(spec).new_row()
+    for token in tokenizer.encode(CALL_TEXT * calls_written, add_special_tokens=False):
+        assert row.accept(token), row.error
+    bitmask = allocate_bitmask(1, compiler.vocab.vocab_size)
+    row.fill_mask(bitmask)
+    allowed = allowed_ids(bitmask[0], compiler.vocab.vocab_size)
+    assert tokenizer.eos_token_id in allowed
+    assert (allowed != [tokenizer.eos_token_id]) == may_go_on  # another <tool_call> may open, or only EOS
+
+
+def test_the_default_cap_is_max_parallel_tool_calls():
+    spec = tool_call_grammar(TOOLS, "required", parallel_tool_calls=True)
+    assert spec.payload.max_calls == MAX_PARALLEL_TOOL_CALLS == 8

@@ -21,6 +21,7 @@ from server.engine.structured import (
     apply_token_bitmask_,
     fill_masks,
 )
+from server.engine.structured.number_caps import cap_numbers
 from tests.grammar_walk import TokenClasses, load_test_tokenizer, make_compiler, random_walk, token_classes
 
 PROPERTY = settings(
@@ -71,10 +72,12 @@ def leaf_schemas() -> st.SearchStrategy[dict]:
     )
 
 
-def object_schemas(children: st.SearchStrategy[dict]) -> st.SearchStrategy[dict]:
+def object_schemas(children: st.SearchStrategy[dict], max_properties: int = 4) -> st.SearchStrategy[dict]:
+    """Objects of ``children`` with a random required list, sometimes closed to other properties."""
+
     @st.composite
     def build(draw) -> dict:
-        properties = draw(st.dictionaries(NAMES, children, min_size=1, max_size=4))
+        properties = draw(st.dictionaries(NAMES, children, min_size=1, max_size=max_properties))
         required = [name for name in properties if draw(st.booleans())]
         schema = {"type": "object", "properties": properties, "required": required}
         if draw(st.booleans()):
@@ -361,3 +364,42 @@ def test_compiler_settings_are_checked(tokenizer, kwargs, named):
     kwargs = {"vocab_size": len(tokenizer), **kwargs}
     with pytest.raises(ValueError, match=named):
         GrammarCompiler(tokenizer, **kwargs)
+
+
+# --- number caps (a model must not write digits until max_tokens) ------------------------------------------
+
+CAPPED = {"minimum": -(10**15 - 1), "maximum": 10**15 - 1}
+
+
+@pytest.mark.parametrize(
+    ("schema", "capped"),
+    [
+        ({"type": "integer"}, {"type": "integer", **CAPPED}),
+        ({"type": "number"}, {"type": "number", **CAPPED, "multipleOf": 1e-6}),
+        ({"type": "integer", "minimum": 3}, {"type": "integer", "minimum": 3, "maximum": 10**15 - 1}),
+        (
+            {"type": "number", "exclusiveMaximum": 1, "multipleOf": 0.5},
+            {"type": "number", "exclusiveMaximum": 1, "multipleOf": 0.5, "minimum": -(10**15 - 1)},
+        ),
+        (
+            {"type": "array", "items": {"type": "integer"}, "default": [{"type": "integer"}]},
+            {"type": "array", "items": {"type": "integer", **CAPPED}, "default": [{"type": "integer"}]},
+        ),
+        ({"type": "string"}, {"type": "string"}),
+        (True, True),
+    ],
+)
+def test_cap_numbers_adds_only_the_missing_bounds(schema, capped):
+    assert cap_numbers(schema) == capped
+
+
+@pytest.mark.parametrize(("kind", "text"), [("integer", "1" * 15), ("number", "2.123456")])
+def test_an_unbounded_number_stops_taking_digits_at_its_cap(compiler, tokenizer, kind, text):
+    row = compiler.compile(GrammarSpec.json_schema({"type": kind})).new_row()
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        assert row.accept(token), row.error
+    bitmask = allocate_bitmask(1, compiler.vocab.vocab_size)
+    row.fill_mask(bitmask)
+    allowed = allowed_ids(bitmask[0], compiler.vocab.vocab_size)
+    texts = tokenizer.batch_decode([[i] for i in allowed])
+    assert allowed == [tokenizer.eos_token_id], texts[:10]  # no more digits, no exponent: only the end
