@@ -278,97 +278,79 @@ CHAT_HISTORY = [
 ]
 
 
-@pytest.fixture
-def long_context_app(tiny_base_dir, adapter_store_dir, tmp_path):
-    """The fake-engine app with a context long enough for the tool format (the fake engine runs no
-    model, so the tiny model's 256 positions do not bind it)."""
-
-    def build(settings):
-        state = fake_engine_state()(settings)
-        state.context_length = 8192
-        return state
-
-    settings = tiny_settings(tiny_base_dir, adapter_store_dir, tmp_path, max_tokens_limit=8192)
-    return TestClient(create_app(settings, build=build))
-
-
-def test_tools_and_text_format_go_through_chat_s_prompt_and_grammar(long_context_app):
-    with long_context_app as client:
-        engine = client.app.state.serving.engine
-        pairs = [
-            (
-                {"tools": [WEATHER], "tool_choice": "required"},
-                {"tools": [CHAT_WEATHER], "tool_choice": "required"},
-            ),
-            (
-                {"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}},
-                {
-                    "tools": [CHAT_WEATHER],
-                    "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-                },
-            ),
-            (
-                {"text": {"format": {"type": "json_schema", "name": "w", "schema": WEATHER["parameters"]}}},
-                {
-                    "response_format": {
-                        "type": "json_schema",
-                        "json_schema": {"name": "w", "schema": WEATHER["parameters"]},
-                    }
-                },
-            ),
-            ({"text": {"format": {"type": "json_object"}}}, {"response_format": {"type": "json_object"}}),
-        ]
-        for responses_fields, chat_fields in pairs:
-            r = client.post(
-                "/v1/responses", json={"input": CALL_HISTORY, "max_output_tokens": 1, **responses_fields}
-            )
-            assert r.status_code == 200, r.text
-            chat = {"messages": CHAT_HISTORY, "max_tokens": 1, **chat_fields}
-            assert client.post("/v1/chat/completions", json=chat).status_code == 200
-            responses_run, chat_run = engine.submitted[-2:]
-            assert responses_run.prompt_token_ids == chat_run.prompt_token_ids
-            assert responses_run.sampling.grammar is not None
-            assert responses_run.sampling.grammar == chat_run.sampling.grammar
-        assert r.json()["text"] == {"format": {"type": "json_object"}}
-
-
-def test_function_calls_in_the_output_are_function_call_items(long_context_app):
-    with long_context_app as client:
-        body = {"input": CALL_HISTORY, "tools": [WEATHER], "max_output_tokens": 4000}
-        r = client.post("/v1/responses", json=body)
+def test_tools_and_text_format_go_through_chat_s_prompt_and_grammar(long_context_client):
+    client = long_context_client
+    engine = client.app.state.serving.engine
+    pairs = [
+        (
+            {"tools": [WEATHER], "tool_choice": "required"},
+            {"tools": [CHAT_WEATHER], "tool_choice": "required"},
+        ),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}},
+            {
+                "tools": [CHAT_WEATHER],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            },
+        ),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "w", "schema": WEATHER["parameters"]}}},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "w", "schema": WEATHER["parameters"]},
+                }
+            },
+        ),
+        ({"text": {"format": {"type": "json_object"}}}, {"response_format": {"type": "json_object"}}),
+    ]
+    for responses_fields, chat_fields in pairs:
+        r = client.post(
+            "/v1/responses", json={"input": CALL_HISTORY, "max_output_tokens": 1, **responses_fields}
+        )
         assert r.status_code == 200, r.text
-        response = Response.model_validate(r.json())
-        calls = [item for item in response.output if item.type == "function_call"]
-        assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Rome"}')]
-        assert calls[0].call_id.startswith("call_") and calls[0].id.startswith("fc_")
-        assert response.output[0].type == "message"  # the echoed text around the call
-        assert '"arguments": {"city": "Rome"}' not in response.output_text  # the call left the text
-        assert r.json()["tools"] == [WEATHER]
+        chat = {"messages": CHAT_HISTORY, "max_tokens": 1, **chat_fields}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        responses_run, chat_run = engine.submitted[-2:]
+        assert responses_run.prompt_token_ids == chat_run.prompt_token_ids
+        assert responses_run.sampling.grammar is not None
+        assert responses_run.sampling.grammar == chat_run.sampling.grammar
+    assert r.json()["text"] == {"format": {"type": "json_object"}}
 
 
-def test_streamed_function_calls_send_argument_deltas_that_add_up(long_context_app):
-    with long_context_app as client:
-        body = {"input": CALL_HISTORY, "tools": [WEATHER], "max_output_tokens": 4000, "stream": True}
-        events = sse_events(client.post("/v1/responses", json=body))
-        for event in events:
-            validate_event(event)
-        assert [e["sequence_number"] for e in events] == list(range(len(events)))
-        added = [e for e in events if e["type"] == "response.output_item.added"]
-        done = [e for e in events if e["type"] == "response.output_item.done"]
-        assert (
-            [e["output_index"] for e in added] == [e["output_index"] for e in done] == list(range(len(added)))
-        )
-        (call,) = [e["item"] for e in done if e["item"]["type"] == "function_call"]
-        index = next(
-            e["output_index"] for e in done if e["item"] is not None and e["item"]["id"] == call["id"]
-        )
-        deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
-        assert "".join(deltas) == call["arguments"] == '{"city": "Rome"}'
-        (arguments_done,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
-        assert arguments_done["output_index"] == index and arguments_done["arguments"] == call["arguments"]
-        assert events[-1]["type"] == "response.completed"
-        assert events[-1]["response"]["output"] == [e["item"] for e in done]
-        whole = client.post("/v1/responses", json={**body, "stream": False}).json()["output"]
-        assert [(i["type"], i.get("name"), i.get("arguments")) for i in whole] == [
-            (i["type"], i.get("name"), i.get("arguments")) for i in events[-1]["response"]["output"]
-        ]
+def test_function_calls_in_the_output_are_function_call_items(long_context_client):
+    client = long_context_client
+    body = {"input": CALL_HISTORY, "tools": [WEATHER], "max_output_tokens": 4000}
+    r = client.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    response = Response.model_validate(r.json())
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Rome"}')]
+    assert calls[0].call_id.startswith("call_") and calls[0].id.startswith("fc_")
+    assert response.output[0].type == "message"  # the echoed text around the call
+    assert '"arguments": {"city": "Rome"}' not in response.output_text  # the call left the text
+    assert r.json()["tools"] == [WEATHER]
+
+
+def test_streamed_function_calls_send_argument_deltas_that_add_up(long_context_client):
+    client = long_context_client
+    body = {"input": CALL_HISTORY, "tools": [WEATHER], "max_output_tokens": 4000, "stream": True}
+    events = sse_events(client.post("/v1/responses", json=body))
+    for event in events:
+        validate_event(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert [e["output_index"] for e in added] == [e["output_index"] for e in done] == list(range(len(added)))
+    (call,) = [e["item"] for e in done if e["item"]["type"] == "function_call"]
+    index = next(e["output_index"] for e in done if e["item"] is not None and e["item"]["id"] == call["id"])
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert "".join(deltas) == call["arguments"] == '{"city": "Rome"}'
+    (arguments_done,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert arguments_done["output_index"] == index and arguments_done["arguments"] == call["arguments"]
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"] == [e["item"] for e in done]
+    whole = client.post("/v1/responses", json={**body, "stream": False}).json()["output"]
+    assert [(i["type"], i.get("name"), i.get("arguments")) for i in whole] == [
+        (i["type"], i.get("name"), i.get("arguments")) for i in events[-1]["response"]["output"]
+    ]
