@@ -129,6 +129,25 @@ def test_langchain_bind_tools_with_a_forced_tool(chat_model):
         assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str) and call["id"]
 
 
+def test_langchain_over_the_responses_api(base_url):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=base_url,
+        api_key="unused",
+        model=MODEL,
+        max_tokens=60,
+        temperature=0,
+        max_retries=0,
+        use_responses_api=True,  # /v1/responses: text.format and function tools
+    )
+    assert llm.invoke("Say hello.").text
+    assert isinstance(llm.with_structured_output(User, method="json_schema").invoke(EXTRACT), User)
+    tool = {"type": "function", **WEATHER["function"]}
+    (call,) = llm.bind_tools([tool], tool_choice="get_weather").invoke("Weather in Paris?").tool_calls
+    assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Rome")
+
+
 def test_langchain_embeddings(base_url, embedding_model):
     from langchain_openai import OpenAIEmbeddings
 

@@ -7,10 +7,12 @@ whose deltas add up to ``parse_tool_calls`` on the whole text), for a stream and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from server.api.chat.tool_call_stream import StreamDelta, ToolCallStreamParser
-from server.api.chat.tool_format import BLOCK_PATTERN
+
+TAG_START = re.compile("(?=<)")
 
 Event = tuple[str, dict]  # (event type, its fields other than type and sequence_number)
 
@@ -40,15 +42,12 @@ def output_items(text: str, tools: bool, response_id: str, status: str) -> list[
     """A finished generation's items, exactly as a stream of the same text builds them: the message
     (text outside calls; with tools, text between calls is a message of its own) and one item per call.
 
-    ``output`` is never empty: a generation with neither text nor calls has an empty message.
+    ``output`` is never empty: a generation with neither text nor calls has an empty message. A call
+    cut off (by ``max_output_tokens``) is a ``function_call`` item with the arguments written so far
+    and the response's ``incomplete`` status, as in a stream, where its name has already been sent.
     """
     items = OutputItemStream(response_id, tools)
-    # fed a block at a time: one feed's delta holds its content and its calls, not their order
-    pieces = [text]
-    if tools:
-        cuts = [0, *(i for m in BLOCK_PATTERN.finditer(text) for i in m.span()), len(text)]
-        pieces = [text[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
-    for _ in (*items.start(), *(e for piece in pieces for e in items.feed(piece)), *items.finish(status)):
+    for _ in (*items.start(), *items.feed(text), *items.finish(status)):
         pass
     return items.items
 
@@ -68,6 +67,7 @@ class OutputItemStream:
         self.items: list[dict] = []  # every item opened so far, the last possibly still open
         self._open: dict | None = None
         self._text = ""  # the open item's text or arguments so far
+        self._open_call: int | None = None  # the parser's index of the open function_call item
 
     def start(self) -> Iterator[Event]:
         if self.parser is None:
@@ -76,8 +76,12 @@ class OutputItemStream:
     def feed(self, text: str) -> Iterator[Event]:
         if self.parser is None:
             yield from self._message_text(text)
-        else:
-            yield from self._apply(self.parser.feed(text))
+            return
+        # one parser delta holds its content and its calls apart, not their order: fed in pieces that
+        # each start a tag at most, content and calls keep the order they have in the text
+        for piece in TAG_START.split(text):
+            if piece:
+                yield from self._apply(self.parser.feed(piece))
 
     def finish(self, status: str) -> Iterator[Event]:
         """The events that close the response's items; ``status`` is the response's."""
@@ -90,21 +94,33 @@ class OutputItemStream:
     # --- items -------------------------------------------------------------------------------------------
 
     def _apply(self, delta: StreamDelta) -> Iterator[Event]:
+        """One parser delta's events. The delta holds its content and its calls apart; in the text,
+        the open call's last fragments come before any content, and new calls after it."""
+        calls = list(delta.tool_calls)
+        while calls and calls[0].name is None and calls[0].index == self._open_call:
+            yield from self._arguments(calls.pop(0).arguments)
         if delta.content:
             yield from self._message_text(delta.content)
-        for call in delta.tool_calls:
+        for call in calls:
             if call.name is not None:
                 yield from self._close("completed")
                 item_id = f"fc_{self.response_id}_{call.index}"
                 yield from self._open_item(
                     function_call_item(item_id, call.id or "", call.name, "", "in_progress")
                 )
-            if call.arguments:
-                self._text += call.arguments
-                yield "response.function_call_arguments.delta", {**self._where(), "delta": call.arguments}
+                self._open_call = call.index
+            yield from self._arguments(call.arguments)
+
+    def _arguments(self, fragment: str) -> Iterator[Event]:
+        if fragment:
+            self._text += fragment
+            yield "response.function_call_arguments.delta", {**self._where(), "delta": fragment}
 
     def _message_text(self, text: str) -> Iterator[Event]:
         if self._open is None or self._open["type"] != "message":
+            text = text.lstrip()  # whitespace between a call and the text after it belongs to neither
+            if not text:
+                return
             yield from self._close("completed")
             yield from self._open_message()
         self._text += text
@@ -137,7 +153,7 @@ class OutputItemStream:
             yield "response.function_call_arguments.done", {**where, "name": item["name"], "arguments": text}
             item.update(arguments=text, status=status)
         yield "response.output_item.done", {"output_index": where["output_index"], "item": dict(item)}
-        self._open = None
+        self._open, self._open_call = None, None
 
     def _where(self) -> dict:
         assert self._open is not None
