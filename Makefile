@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml $(wildcard adapters/kernels/*.cpp)
 	# LoRAX's and TGI's clients, for the native-route tests; they pin huggingface-hub<1.0, which
 	# transformers 5 cannot use, so their dependencies are not resolved (aiohttp is in the dev extra).
 	$(PIP) install -q --no-deps lorax-client==0.6.3 text-generation==0.7.0
+	# instructor pins jiter<0.15 and llama-index-llms-openai pins openai<3: both run on the openai 3
+	# client the rest of the suite uses (tests/e2e/test_clients.py); their other dependencies are in
+	# the dev extra.
+	$(PIP) install -q --no-deps instructor==1.17.0 llama-index-llms-openai==0.8.3 llama-index-llms-openai-like==0.8.1
 	# The CPU LoRA kernel, compiled once (~1 min; without a C++ compiler it warns and is skipped).
 	$(PY) -m adapters.kernels
 	touch $(STAMP)

@@ -45,3 +45,22 @@ def shared_client(tmp_path_factory, tiny_base_dir, tiny_adapter_sources, name: s
     app = create_app(tiny_settings(tiny_base_dir, store, tmp, **overrides))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
+
+
+LONG_CONTEXT = 8192
+
+
+@pytest.fixture
+def long_context_client(tiny_base_dir, adapter_store_dir, tmp_path):
+    """The fake-engine app with a context long enough for the tool format's system text (the fake
+    engine runs no model, so the tiny model's 256 positions do not bind it)."""
+    from tests.server.fake_engine import fake_engine_state
+
+    def build(settings: Settings):
+        state = fake_engine_state()(settings)
+        state.context_length = LONG_CONTEXT
+        return state
+
+    settings = tiny_settings(tiny_base_dir, adapter_store_dir, tmp_path, max_tokens_limit=LONG_CONTEXT)
+    with TestClient(create_app(settings, build=build)) as test_client:
+        yield test_client

@@ -51,16 +51,43 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ToolFields(BaseModel):
+    """The fields that put tools into a rendered conversation: chat completions and ``/tokenize`` both
+    have them, so a tokenized conversation counts the tokens its chat completion's prompt has."""
+
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # legacy: mapped onto tools
+    function_call: str | dict[str, Any] | None = None  # legacy: mapped onto tool_choice
+
+    def effective_tools(self) -> tuple[list[dict[str, Any]], Any]:
+        """(tools, tool_choice), the legacy ``functions``/``function_call`` mapped onto them.
+
+        Raises:
+            ToolFormatError: both forms at once, or a tool_choice other than none/auto without tools.
+        """
+        if self.functions:
+            if self.tools:
+                raise ToolFormatError("functions", "send tools or the legacy functions, not both")
+            tools = [{"type": "function", "function": f} for f in self.functions]
+            call = self.function_call
+            choice = {"type": "function", "function": call} if isinstance(call, dict) else (call or "auto")
+            return tools, choice
+        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+            raise ToolFormatError("tool_choice", "tool_choice needs tools")
+        return list(self.tools or []), (self.tool_choice if self.tool_choice is not None else "auto")
+
+    def uses_tools(self) -> bool:
+        tools, choice = self.effective_tools()
+        return bool(tools) and choice != "none"
+
+
+class ChatCompletionRequest(SamplingFields, ToolFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     rag: RagOptions | None = Field(None, description="retrieve passages from a RAG collection first")
     logprobs: bool | None = Field(None, description="return each output token's log-probability")
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None  # legacy: mapped onto tools
-    function_call: str | dict[str, Any] | None = None  # legacy: mapped onto tool_choice
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     @field_validator("top_logprobs")
@@ -73,26 +100,9 @@ class ChatCompletionRequest(SamplingFields):
     def logprob_options(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0, None) if self.logprobs else (None, None)
 
-    def effective_tools(self) -> tuple[list[dict[str, Any]], Any]:
-        """(tools, tool_choice), the legacy ``functions``/``function_call`` mapped onto them."""
-        if self.functions:
-            if self.tools:
-                raise ToolFormatError("functions", "send tools or the legacy functions, not both")
-            tools = [{"type": "function", "function": f} for f in self.functions]
-            call = self.function_call
-            choice = {"type": "function", "function": call} if isinstance(call, dict) else (call or "auto")
-            return tools, choice
-        return list(self.tools or []), (self.tool_choice if self.tool_choice is not None else "auto")
-
-    def uses_tools(self) -> bool:
-        tools, choice = self.effective_tools()
-        return bool(tools) and choice != "none"
-
     def output_constraint(self):
         tools, choice = self.effective_tools()
         if not tools or choice == "none":
-            if self.tool_choice not in (None, "none", "auto"):
-                raise ToolFormatError("tool_choice", "tool_choice needs tools")
             return super().output_constraint()
         if super().output_constraint() is not None:
             raise ToolFormatError("response_format", "send tools or an output constraint, not both")

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any, Protocol
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from rag.prompt import build_rag_messages, last_user_text
 from server.api.auth import Principal
-from server.api.chat.protocol import ChatCompletionRequest
+from server.api.chat.protocol import ChatCompletionRequest, ChatMessage
 from server.api.chat.tool_call_stream import ToolCallStreamParser
 from server.api.chat.tool_format import parse_tool_calls, render_tool_messages
 from server.api.collections.api_router import check_visible
@@ -20,7 +21,15 @@ from server.api.errors import APIError
 from server.api.generation_serving import Choice, GenerationServing
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+class ToolConversation(Protocol):
+    """What renders a conversation: chat completions' and ``/tokenize``'s requests alike."""
+
+    messages: list[ChatMessage]
+
+    def effective_tools(self) -> tuple[list[dict], Any]: ...
+
+
+def chat_messages(body: ToolConversation) -> list[dict]:
     """The request's messages as plain dicts (text parts joined; ``developer`` is a system turn).
 
     With tools, or tool turns in the history, they are rendered in the documented tool format
@@ -28,7 +37,7 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
     ``<tool_response>`` turns), the same format the tool-call grammar generates and the parser reads.
     """
     has_tool_turns = any(m.role == "tool" or m.tool_calls for m in body.messages)
-    tools, choice = body.effective_tools() if hasattr(body, "effective_tools") else ([], "none")  # /tokenize
+    tools, choice = body.effective_tools()
     if not (tools and choice != "none") and not has_tool_turns:
         return [{"role": template_role(m.role), "content": m.text()} for m in body.messages]
     raw = [

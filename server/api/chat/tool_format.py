@@ -241,8 +241,11 @@ def tool_call_grammar(
 ) -> GrammarSpec | None:
     """The grammar that keeps tool calls well-formed; None for ``tool_choice="none"`` (no constraint).
 
-    ``required`` or a named tool: the output is only ``<tool_call>`` blocks (one, or one or more with
+    ``required``: the output is only ``<tool_call>`` blocks (one, or one or more with
     ``parallel_tool_calls``) whose JSON is ``{"name": <a tool>, "arguments": <valid for its parameters>}``.
+    A named tool: exactly one call of it, whatever ``parallel_tool_calls`` says (OpenAI's "forced
+    function" calls exactly one function; a small model would otherwise repeat the call until
+    ``max_tokens``, which clients such as instructor report as an incomplete output).
     ``auto``: free text, unconstrained until ``<tool_call>`` is written; then the calls as above.
 
     Raises:
@@ -263,7 +266,8 @@ def tool_call_grammar(
             (tool["function"]["name"], json.dumps(parameters or NO_PARAMETERS, ensure_ascii=False))
         )
     mode = forced if forced is not None else (tool_choice or "auto")
-    fmt = ToolCallFormat(tuple(entries), mode, parallel_tool_calls, TOOL_CALL_BEGIN, TOOL_CALL_END)
+    parallel = parallel_tool_calls and forced is None
+    fmt = ToolCallFormat(tuple(entries), mode, parallel, TOOL_CALL_BEGIN, TOOL_CALL_END)
     return GrammarSpec("tool_calls", fmt, "tools")
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from server.api.chat.protocol import ChatMessage
+from server.api.chat.protocol import ChatMessage, ToolFields
 from server.api.sampling_protocol import check_text
 
 
-class TokenizeRequest(BaseModel):
-    """Either ``prompt`` (with ``add_special_tokens``) or ``messages`` (with ``add_generation_prompt``)."""
+class TokenizeRequest(ToolFields):
+    """Either ``prompt`` (with ``add_special_tokens``) or ``messages`` (with ``add_generation_prompt``
+    and, as chat, ``tools`` / ``tool_choice`` / legacy ``functions``, rendered as chat renders them)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,6 +32,9 @@ class TokenizeRequest(BaseModel):
             check_text(self.prompt, "prompt")
             if self.add_generation_prompt is not None:
                 raise ValueError("add_generation_prompt applies to 'messages', not to 'prompt'")
+            given = [f for f in ("tools", "tool_choice", "functions", "function_call") if getattr(self, f)]
+            if given:
+                raise ValueError(f"{given[0]} applies to 'messages', not to 'prompt'")
         elif self.add_special_tokens is not None:
             raise ValueError("add_special_tokens applies to 'prompt', not to 'messages'")
         return self

@@ -27,6 +27,8 @@ EVENT_CLASSES = {
     "response.completed": openai_responses.ResponseCompletedEvent,
     "response.incomplete": openai_responses.ResponseIncompleteEvent,
     "response.failed": openai_responses.ResponseFailedEvent,
+    "response.function_call_arguments.delta": openai_responses.ResponseFunctionCallArgumentsDeltaEvent,
+    "response.function_call_arguments.done": openai_responses.ResponseFunctionCallArgumentsDoneEvent,
     "error": openai_responses.ResponseErrorEvent,
 }
 
@@ -139,10 +141,17 @@ def test_the_adapter_field_or_model_chooses_the_adapter(fake_app, selector):
         ("previous_response_id", "resp_123", "previous_response_id"),
         ("store", True, "store"),
         ("background", True, "background"),
-        ("tools", [{"type": "function", "name": "f", "parameters": {}}], "tools"),
-        ("tool_choice", "required", "tool_choice"),
-        ("text", {"format": {"type": "json_schema", "name": "x", "schema": {}}}, "text.format"),
-        ("text", {"format": {"type": "json_object"}}, "text.format"),
+        ("tool_choice", "required", "tool_choice"),  # needs tools
+        ("tools", [{"type": "web_search"}], "tools[0]"),
+        ("tools", [{"type": "function", "parameters": {}}], "tools[0]"),
+        (
+            "text",
+            {"format": {"type": "json_schema", "name": "x", "schema": {"not": {}}}},
+            "text.format.schema",
+        ),
+        ("text", {"format": {"type": "json_schema", "name": "x"}}, "text.format"),
+        ("text", {"format": {"type": "yaml"}}, "text.format.type"),
+        ("max_tool_calls", 1, "max_tool_calls"),
         ("reasoning", {"effort": "low"}, "reasoning"),
         ("include", ["message.output_text.logprobs"], "include"),
         ("metadata", {"k": "v"}, "metadata"),
@@ -175,7 +184,7 @@ def test_no_op_values_of_refused_fields_are_accepted(fake_app):
     [
         {"input": []},
         {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
-        {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+        {"input": [{"type": "function_call_output", "call_id": "c"}]},
         {"input": "hi", "max_output_tokens": 0},
     ],
 )
@@ -231,3 +240,117 @@ def test_an_engine_failure_is_an_error_event_then_response_failed(fake_app):
         r = client.post("/v1/responses", json={"input": "hi"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "generation_failed"
         assert client.app.state.serving.pending == 0
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+# A conversation whose history holds a call: the fake engine echoes the prompt, so its output holds
+# that call's <tool_call> block, as a model's would.
+CALL_HISTORY = [
+    {"role": "user", "content": "Weather in Rome?"},
+    {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+    {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+]
+CHAT_HISTORY = [
+    {"role": "user", "content": "Weather in Rome?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+def test_tools_and_text_format_go_through_chat_s_prompt_and_grammar(long_context_client):
+    client = long_context_client
+    engine = client.app.state.serving.engine
+    pairs = [
+        (
+            {"tools": [WEATHER], "tool_choice": "required"},
+            {"tools": [CHAT_WEATHER], "tool_choice": "required"},
+        ),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}},
+            {
+                "tools": [CHAT_WEATHER],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            },
+        ),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "w", "schema": WEATHER["parameters"]}}},
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "w", "schema": WEATHER["parameters"]},
+                }
+            },
+        ),
+        ({"text": {"format": {"type": "json_object"}}}, {"response_format": {"type": "json_object"}}),
+    ]
+    for responses_fields, chat_fields in pairs:
+        r = client.post(
+            "/v1/responses", json={"input": CALL_HISTORY, "max_output_tokens": 1, **responses_fields}
+        )
+        assert r.status_code == 200, r.text
+        chat = {"messages": CHAT_HISTORY, "max_tokens": 1, **chat_fields}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        responses_run, chat_run = engine.submitted[-2:]
+        assert responses_run.prompt_token_ids == chat_run.prompt_token_ids
+        assert responses_run.sampling.grammar is not None
+        assert responses_run.sampling.grammar == chat_run.sampling.grammar
+    assert r.json()["text"] == {"format": {"type": "json_object"}}
+
+
+def test_function_calls_in_the_output_are_function_call_items(long_context_client):
+    client = long_context_client
+    body = {"input": CALL_HISTORY, "tools": [WEATHER], "max_output_tokens": 4000}
+    r = client.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    response = Response.model_validate(r.json())
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Rome"}')]
+    assert calls[0].call_id.startswith("call_") and calls[0].id.startswith("fc_")
+    assert response.output[0].type == "message"  # the echoed text around the call
+    assert '"arguments": {"city": "Rome"}' not in response.output_text  # the call left the text
+    assert r.json()["tools"] == [WEATHER]
+
+
+def test_streamed_function_calls_send_argument_deltas_that_add_up(long_context_client):
+    client = long_context_client
+    body = {"input": CALL_HISTORY, "tools": [WEATHER], "max_output_tokens": 4000, "stream": True}
+    events = sse_events(client.post("/v1/responses", json=body))
+    for event in events:
+        validate_event(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    done = [e for e in events if e["type"] == "response.output_item.done"]
+    assert [e["output_index"] for e in added] == [e["output_index"] for e in done] == list(range(len(added)))
+    (call,) = [e["item"] for e in done if e["item"]["type"] == "function_call"]
+    index = next(e["output_index"] for e in done if e["item"] is not None and e["item"]["id"] == call["id"])
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert "".join(deltas) == call["arguments"] == '{"city": "Rome"}'
+    (arguments_done,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert arguments_done["output_index"] == index and arguments_done["arguments"] == call["arguments"]
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"] == [e["item"] for e in done]
+    whole = client.post("/v1/responses", json={**body, "stream": False}).json()["output"]
+    assert [(i["type"], i.get("name"), i.get("arguments")) for i in whole] == [
+        (i["type"], i.get("name"), i.get("arguments")) for i in events[-1]["response"]["output"]
+    ]

@@ -27,6 +27,63 @@ def test_messages_count_equals_chat_usage_prompt_tokens(client):
     assert tokenized["max_model_len"] == 256  # the server's context window (max_model_len in the test)
 
 
+TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+TOOL_HISTORY = [
+    {"role": "user", "content": "Time?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "noon"},
+]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tools": [TOOL]},
+        {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+        {"functions": [TOOL["function"]]},
+        {"tools": [TOOL], "tool_choice": "none"},
+    ],
+)
+def test_tools_render_as_chat_renders_them(long_context_client, fields):
+    client = long_context_client
+    body = {"messages": TOOL_HISTORY, **fields}
+    tokenized = client.post("/tokenize", json=body)
+    assert tokenized.status_code == 200, tokenized.text
+    assert client.post("/v1/chat/completions", json={**body, "max_tokens": 1}).status_code == 200
+    assert tokenized.json()["tokens"] == client.app.state.serving.engine.submitted[-1].prompt_token_ids
+    plain = client.post("/tokenize", json={"messages": TOOL_HISTORY}).json()["count"]
+    assert (tokenized.json()["count"] > plain) == (fields.get("tool_choice") != "none")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "messages": MESSAGES,
+                "tools": [TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "x"}},
+            },
+            "tool_choice",
+        ),
+        ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools[0]"),
+        ({"prompt": "hi", "tools": [TOOL]}, None),
+    ],
+)
+def test_bad_tools_are_refused_by_name(long_context_client, body, param):
+    r = long_context_client.post("/tokenize", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
 def test_generation_prompt_is_a_suffix_that_can_be_left_out(client):
     with_prompt = client.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
     without = client.post("/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False}).json()

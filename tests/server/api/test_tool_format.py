@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from server.api.chat.tool_call_stream import ToolCallStreamParser
 from server.api.chat.tool_format import (
+    TOOL_CALL_BEGIN,
     ToolCall,
     ToolFormatError,
     parse_tool_calls,
@@ -300,6 +301,8 @@ def test_forced_tool_calls_always_parse_with_valid_arguments(compiler, tokenizer
     assert walk.terminated
     content, calls = parse_tool_calls(walk.text, call_ids)
     assert content is None and calls and (parallel or len(calls) == 1)
+    if isinstance(tool_choice, dict):  # a named tool is called exactly once, parallel or not
+        assert len(calls) == 1
     for call in calls:
         assert call.name == "add" if isinstance(tool_choice, dict) else call.name in SCHEMAS
         jsonschema.validate(json.loads(call.arguments_json), SCHEMAS[call.name])
@@ -325,6 +328,17 @@ def test_auto_free_text_is_unconstrained_until_a_call_opens(compiler, tokenizer)
             break
     else:
         pytest.fail("a call of an unknown tool was accepted")
+
+
+def test_a_named_tool_choice_allows_one_call_only(compiler, tokenizer):
+    named = {"type": "function", "function": {"name": "add"}}
+    assert tool_call_grammar(TOOLS, named, parallel_tool_calls=True).payload.parallel is False
+    row = compiler.compile(tool_call_grammar(TOOLS, named, True)).new_row()
+    call = tool_call_block("add", {"x": 1, "y": 2})
+    for token in tokenizer.encode(call, add_special_tokens=False):
+        assert row.accept(token)
+    second = tokenizer.encode("\n" + TOOL_CALL_BEGIN, add_special_tokens=False)
+    assert not all(row.accept(token) for token in second)
 
 
 def test_none_needs_no_grammar_and_bad_choices_are_refused():
