@@ -39,6 +39,7 @@ from adapters.dora import dequantized_weight, magnitude_scale
 from adapters.errors import AdapterInvalid
 from adapters.ia3 import IA3Module
 from adapters.lora import LoRAModule, LoRAWeights
+from adapters.prefix_tuning import AttentionShape, PrefixKV, prefix_fit_problems
 
 _EXCLUDED_MODULES = ("lm_head",)
 
@@ -350,9 +351,13 @@ class BatchedLoRAModel:
         ]
         self.base_layers: dict[str, nn.Module] = {}  # the wrapped linears, for DoRA's weight norms
         self.virtual_tokens: dict[int, torch.Tensor] = {}  # slot -> prompt tuning's (n, hidden) embeddings
+        self.prefixes: dict[int, PrefixKV] = {}  # slot -> prefix tuning's per-layer keys and values
         self.hidden_size = (
             model.get_input_embeddings().embedding_dim if hasattr(model, "get_input_embeddings") else None
         )
+        self.attention_shape = _attention_shape(model)
+        # keys and values are computed in the embeddings' dtype (the runner's KV cache dtype)
+        self.kv_dtype = model.get_input_embeddings().weight.dtype if self.hidden_size else dtype
         for name, module in targets:
             bank = LoRABank(module.in_features, module.out_features, dtype, device, module.bias)
             parent_name, _, child = name.rpartition(".")
@@ -371,6 +376,7 @@ class BatchedLoRAModel:
         """
         dora_scales = self.dora_scales(weights)
         self._install_virtual_tokens(slot, weights)
+        self._install_prefix(slot, weights)
         for name, bank in self.banks.items():
             module = weights.modules.get(name)
             if module is not None:
@@ -392,6 +398,25 @@ class BatchedLoRAModel:
             )
         self.virtual_tokens[slot] = tokens.to(device=self.device, dtype=self.dtype)
 
+    def _install_prefix(self, slot: int, weights: LoRAWeights) -> None:
+        """Prefix tuning: the keys and values the runner writes before this slot's prompts."""
+        self.prefixes.pop(slot, None)
+        if weights.prefix is None:
+            return
+        if self.attention_shape is None:
+            raise AdapterInvalid(weights.name, ["this base model does not take a prefix-tuning adapter"])
+        problems = prefix_fit_problems(weights.prefix, self.attention_shape)
+        if problems:
+            raise AdapterInvalid(weights.name, problems)
+        self.prefixes[slot] = weights.prefix.to(self.device, self.kv_dtype)
+
+    def virtual_token_count(self, slot: int) -> int:
+        """Positions the adapter in ``slot`` adds before each prompt (prompt or prefix tuning; else 0)."""
+        if slot in self.virtual_tokens:
+            return self.virtual_tokens[slot].shape[0]
+        prefix = self.prefixes.get(slot)
+        return 0 if prefix is None else prefix.num_virtual_tokens
+
     def dora_scales(self, weights: LoRAWeights) -> dict[str, torch.Tensor]:
         """DoRA's ratio ``g = m / ‖W + s·B A‖`` per DoRA module, on the weights this model computes with."""
         scales: dict[str, torch.Tensor] = {}
@@ -412,6 +437,7 @@ class BatchedLoRAModel:
 
     def clear(self, slot: int) -> None:
         self.virtual_tokens.pop(slot, None)
+        self.prefixes.pop(slot, None)
         for bank in self.banks.values():
             if slot < bank.num_slots:
                 bank.write(slot, None)
@@ -438,3 +464,16 @@ class BatchedLoRAModel:
             yield
         finally:
             self.state.clear()
+
+
+def _attention_shape(model: nn.Module) -> AttentionShape | None:
+    """The decoder's layers, key/value heads and head size (None for a model without a transformers
+    config, which then takes no prefix-tuning adapter)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return AttentionShape(config.num_hidden_layers, kv_heads, head_dim)
