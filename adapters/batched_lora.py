@@ -39,7 +39,7 @@ from adapters.dora import dequantized_weight, magnitude_scale
 from adapters.errors import AdapterInvalid
 from adapters.ia3 import IA3Module
 from adapters.lora import LoRAModule, LoRAWeights
-from adapters.prefix_tuning import AttentionShape, PrefixKV, prefix_fit_problems
+from adapters.prefix_tuning import PrefixKV, attention_shape_of, prefix_fit_problems
 
 _EXCLUDED_MODULES = ("lm_head",)
 
@@ -355,7 +355,7 @@ class BatchedLoRAModel:
         self.hidden_size = (
             model.get_input_embeddings().embedding_dim if hasattr(model, "get_input_embeddings") else None
         )
-        self.attention_shape = _attention_shape(model)
+        self.attention_shape = attention_shape_of(model)
         # keys and values are computed in the embeddings' dtype (the runner's KV cache dtype)
         self.kv_dtype = model.get_input_embeddings().weight.dtype if self.hidden_size else dtype
         for name, module in targets:
@@ -464,16 +464,3 @@ class BatchedLoRAModel:
             yield
         finally:
             self.state.clear()
-
-
-def _attention_shape(model: nn.Module) -> AttentionShape | None:
-    """The decoder's layers, key/value heads and head size (None for a model without a transformers
-    config, which then takes no prefix-tuning adapter)."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "get_text_config"):
-        return None
-    config = config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return AttentionShape(config.num_hidden_layers, kv_heads, head_dim)

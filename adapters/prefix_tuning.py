@@ -143,3 +143,16 @@ def _fit_problems(layers: int, heads: int, head_dim: int, base: AttentionShape) 
             f"{base.head_dim}"
         )
     return problems
+
+
+def attention_shape_of(model: torch.nn.Module) -> AttentionShape | None:
+    """A transformers model's decoder layers, key/value heads and head size (None for a model without
+    a transformers config, which then takes no prefix-tuning adapter)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    config = config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return AttentionShape(config.num_hidden_layers, kv_heads, head_dim)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from adapters.base_model import QUANTIZATIONS, BaseModelError
 from adapters.errors import AdapterExists, AdapterInvalid, AdapterNameInvalid, AdapterNotFound
-from adapters.peft_types import ADAPTER_TYPES
+from adapters.peft_types import TRAIN_METHODS
 from adapters.shared_settings import SharedSettings
 from training.args import (
     OVERLONG_POLICIES,
@@ -40,7 +40,8 @@ def build_parser(prog: str = "loraplex train") -> argparse.ArgumentParser:
     d_lora, d_optim, d_cont = LoRAArgs(), OptimArgs(), ContinualArgs()
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Train a LoRA adapter (QLoRA) on the server's base model and write it into the "
+        description="Train an adapter (QLoRA: LoRA, rsLoRA, DoRA, IA3, prompt or prefix tuning) on the "
+        "server's base model and write it into the "
         "adapter store.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -103,9 +104,18 @@ def build_parser(prog: str = "loraplex train") -> argparse.ArgumentParser:
     lora.add_argument("--layers", type=int, help="train only the top N transformer layers (default: all)")
     lora.add_argument(
         "--method",
-        choices=ADAPTER_TYPES,
+        choices=TRAIN_METHODS,
         default=d_lora.method,
-        help="lora; rslora (alpha/sqrt(r)); dora (weight-decomposed LoRA); ia3 (learned activation scaling)",
+        help="lora; rslora (alpha/sqrt(r)); dora (weight-decomposed LoRA); ia3 (learned activation "
+        "scaling); prompt-tuning (learned virtual input tokens); prefix-tuning (learned virtual keys and "
+        "values in every layer). The last three take no --r/--alpha/--dropout/--layers",
+    )
+    lora.add_argument(
+        "--num-virtual-tokens",
+        type=int,
+        default=d_lora.num_virtual_tokens,
+        help="prompt-tuning and prefix-tuning: how many virtual tokens the adapter puts before every "
+        "prompt (they count against the context length when served)",
     )
 
     optim = parser.add_argument_group("optimisation")
@@ -184,6 +194,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             target_modules=ns.target_modules,
             layers=ns.layers,
             method=ns.method,
+            num_virtual_tokens=ns.num_virtual_tokens,
         ),
         optim=OptimArgs(
             epochs=ns.epochs,

@@ -26,6 +26,7 @@ from adapters.base_model import BaseModel, load_base_model, resolve_base_model
 from adapters.errors import AdapterExists
 from adapters.lora import load_lora_weights
 from adapters.peft_types import adapter_type
+from adapters.prefix_tuning import attention_shape_of
 from adapters.store import CARD_FILE, AdapterStore
 from training.args import ArgumentError, TrainConfig
 from training.card import build_card, perplexity, write_card
@@ -424,14 +425,14 @@ def _speed(trainer, clock: _RunClock, train_seconds: float, base: BaseModel) -> 
 
 def _lora_summary(model) -> dict:
     config = model.peft_config[model.active_adapter]
+    targets = getattr(config, "target_modules", None)  # prompt and prefix tuning target no module
     return {
         "method": adapter_type(config.to_dict()),
         "r": getattr(config, "r", None),  # IA3 has no rank, alpha or dropout
         "alpha": getattr(config, "lora_alpha", None),
         "dropout": getattr(config, "lora_dropout", None),
-        "target_modules": sorted(config.target_modules)
-        if isinstance(config.target_modules, (set, list))
-        else config.target_modules,
+        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+        "num_virtual_tokens": getattr(config, "num_virtual_tokens", None),  # prompt and prefix tuning
         "layers_to_transform": getattr(config, "layers_to_transform", None),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
@@ -444,7 +445,7 @@ def save_adapter(config: TrainConfig, store: AdapterStore, model, card: dict, me
     try:
         model.save_pretrained(staged, safe_serialization=True)
         load_lora_weights(
-            name, staged, shapes, max_rank=max(card["lora"]["r"] or 1, 1)
+            name, staged, shapes, max_rank=max(card["lora"]["r"] or 1, 1), attention=attention_shape_of(model)
         )  # the server's own check
         write_card(card, staged / CARD_FILE)
         plot_loss_curve(
