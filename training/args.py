@@ -15,6 +15,7 @@ from adapters.store import check_adapter_name
 
 SCHEDULERS = ("linear", "cosine", "constant")
 OVERLONG_POLICIES = ("drop", "truncate")
+UNFREEZE_MODES = ("all", "gradual")  # see training/gradual_unfreezing.py
 
 
 class ArgumentError(ValueError):
@@ -138,8 +139,17 @@ class OptimArgs:
     logging_steps: int | None = None  # None = about 50 points on the loss curve
     save_steps: int = 0  # Trainer checkpoints every N steps (0 = none); see --resume-checkpoint
     gradient_checkpointing: bool = False
+    unfreeze: str = "all"  # "gradual": top layers' adapters first, lower ones stage by stage
+    unfreeze_stages: int = 2  # with --unfreeze gradual: equal stages of the run's steps
 
     def __post_init__(self) -> None:
+        _require(self.unfreeze in UNFREEZE_MODES, "--unfreeze", f"must be one of {UNFREEZE_MODES}")
+        _require(self.unfreeze_stages >= 1, "--unfreeze-stages", "must be at least 1")
+        _require(
+            self.unfreeze == "gradual" or self.unfreeze_stages == 2,
+            "--unfreeze-stages",
+            "only applies with --unfreeze gradual",
+        )
         _require(self.epochs > 0, "--epochs", "must be positive")
         _require(self.max_steps is None or self.max_steps >= 1, "--max-steps", "must be at least 1")
         _require(self.batch_size >= 1, "--batch-size", "must be at least 1")
@@ -238,4 +248,9 @@ class TrainConfig:
             not (self.lora.method == "prefix-tuning" and self.optim.gradient_checkpointing),
             "--gradient-checkpointing",
             "PEFT's prefix tuning does not work with gradient checkpointing",
+        )
+        _require(
+            not (self.optim.unfreeze == "gradual" and self.lora.adapter_type in PROMPT_LEARNING_TYPES),
+            "--unfreeze",
+            f"{self.lora.method} has no per-layer adapter parameters to unfreeze gradually",
         )

@@ -16,6 +16,7 @@ from adapters.shared_settings import SharedSettings
 from training.args import (
     OVERLONG_POLICIES,
     SCHEDULERS,
+    UNFREEZE_MODES,
     ArgumentError,
     ContinualArgs,
     DataArgs,
@@ -141,6 +142,21 @@ def build_parser(prog: str = "loraplex train") -> argparse.ArgumentParser:
         "--save-steps", type=int, default=0, help="Trainer checkpoint every N steps (0 = none)"
     )
     optim.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30%% slower")
+    optim.add_argument(
+        "--unfreeze",
+        choices=UNFREEZE_MODES,
+        default=d_optim.unfreeze,
+        help="all: every adapter layer trains from the first step. gradual (ULMFiT): the run's steps are "
+        "split into --unfreeze-stages equal stages; in stage k of N the adapters of the top ceil(k*L/N) "
+        "of the model's L layers train and the lower ones stay as initialised, so the top layers train "
+        "first and the last stage trains all (LoRA, rsLoRA, DoRA and IA3 only)",
+    )
+    optim.add_argument(
+        "--unfreeze-stages",
+        type=int,
+        default=d_optim.unfreeze_stages,
+        help="with --unfreeze gradual: how many stages (at most the model's layers)",
+    )
 
     cont = parser.add_argument_group("continual fine-tuning")
     cont.add_argument(
@@ -213,6 +229,8 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             logging_steps=ns.logging_steps,
             save_steps=ns.save_steps,
             gradient_checkpointing=ns.gradient_checkpointing,
+            unfreeze=ns.unfreeze,
+            unfreeze_stages=ns.unfreeze_stages,
         ),
         continual=ContinualArgs(
             resume_from=ns.resume_from,

@@ -32,7 +32,13 @@ from training.args import ArgumentError, TrainConfig
 from training.card import build_card, perplexity, write_card
 from training.continual import EWCPenalty, OldTaskRows, estimate_fisher, split_old_rows
 from training.data import DatasetError, read_dataset, split_holdout
-from training.lora_model import attach_new_adapter, attach_stored_adapter, prepare_for_training
+from training.lora_model import (
+    attach_new_adapter,
+    attach_stored_adapter,
+    lora_parameters,
+    num_hidden_layers,
+    prepare_for_training,
+)
 from training.loss_curve import LOSS_CURVE_FILE, plot_loss_curve
 from training.tokenization import PaddingCollator, TokenizedDataset, TokenizedSet, tokenize_dataset
 
@@ -200,6 +206,7 @@ def main(
             config.optim.batch_size,
             config.continual.ewc_lambda,
         )
+    callbacks = callbacks + _unfreezing(config, model, len(data.train.examples))
     trainer = build_trainer(config, model, base, data, penalty, callbacks, clock)
     old_before = _evaluate_old(trainer, data.old)
     eval_before = trainer.evaluate()["eval_loss"] if data.eval is not None else None
@@ -236,6 +243,19 @@ def main(
     path = save_adapter(config, store, model, card, metrics, shapes)
     _remove_run_dir(config)
     return TrainResult(adapter_path=path, card=card)
+
+
+def _unfreezing(config: TrainConfig, model, n_rows: int) -> list:
+    """The gradual-unfreezing callback for ``--unfreeze gradual`` (else nothing)."""
+    if config.optim.unfreeze != "gradual":
+        return []
+    from training.gradual_unfreezing import GradualUnfreezing
+
+    layers = num_hidden_layers(model)
+    if config.optim.unfreeze_stages > layers:
+        raise ArgumentError("--unfreeze-stages", f"must be at most the model's {layers} layers")
+    steps = total_steps(config, n_rows)
+    return [GradualUnfreezing(lora_parameters(model).items(), layers, config.optim.unfreeze_stages, steps)]
 
 
 def _trainer_class():
