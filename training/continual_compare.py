@@ -142,7 +142,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("exact match")
     ax.set_title("Learning returns after orders")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)  # below the bars
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
