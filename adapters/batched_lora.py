@@ -40,6 +40,7 @@ from adapters.errors import AdapterInvalid
 from adapters.ia3 import IA3Module
 from adapters.int8_linear import Int8Linear
 from adapters.lora import LoRAModule, LoRAWeights
+from adapters.prefix_tuning import PrefixKV, attention_shape_of, prefix_fit_problems
 
 _EXCLUDED_MODULES = ("lm_head",)
 
@@ -352,9 +353,13 @@ class BatchedLoRAModel:
         ]
         self.base_layers: dict[str, nn.Module] = {}  # the wrapped linears, for DoRA's weight norms
         self.virtual_tokens: dict[int, torch.Tensor] = {}  # slot -> prompt tuning's (n, hidden) embeddings
+        self.prefixes: dict[int, PrefixKV] = {}  # slot -> prefix tuning's per-layer keys and values
         self.hidden_size = (
             model.get_input_embeddings().embedding_dim if hasattr(model, "get_input_embeddings") else None
         )
+        self.attention_shape = attention_shape_of(model)
+        # keys and values are computed in the embeddings' dtype (the runner's KV cache dtype)
+        self.kv_dtype = model.get_input_embeddings().weight.dtype if self.hidden_size else dtype
         for name, module in targets:
             bank = LoRABank(module.in_features, module.out_features, dtype, device, module.bias)
             parent_name, _, child = name.rpartition(".")
@@ -373,6 +378,7 @@ class BatchedLoRAModel:
         """
         dora_scales = self.dora_scales(weights)
         self._install_virtual_tokens(slot, weights)
+        self._install_prefix(slot, weights)
         for name, bank in self.banks.items():
             module = weights.modules.get(name)
             if module is not None:
@@ -394,6 +400,25 @@ class BatchedLoRAModel:
             )
         self.virtual_tokens[slot] = tokens.to(device=self.device, dtype=self.dtype)
 
+    def _install_prefix(self, slot: int, weights: LoRAWeights) -> None:
+        """Prefix tuning: the keys and values the runner writes before this slot's prompts."""
+        self.prefixes.pop(slot, None)
+        if weights.prefix is None:
+            return
+        if self.attention_shape is None:
+            raise AdapterInvalid(weights.name, ["this base model does not take a prefix-tuning adapter"])
+        problems = prefix_fit_problems(weights.prefix, self.attention_shape)
+        if problems:
+            raise AdapterInvalid(weights.name, problems)
+        self.prefixes[slot] = weights.prefix.to(self.device, self.kv_dtype)
+
+    def virtual_token_count(self, slot: int) -> int:
+        """Positions the adapter in ``slot`` adds before each prompt (prompt or prefix tuning; else 0)."""
+        if slot in self.virtual_tokens:
+            return self.virtual_tokens[slot].shape[0]
+        prefix = self.prefixes.get(slot)
+        return 0 if prefix is None else prefix.num_virtual_tokens
+
     def dora_scales(self, weights: LoRAWeights) -> dict[str, torch.Tensor]:
         """DoRA's ratio ``g = m / ‖W + s·B A‖`` per DoRA module, on the weights this model computes with."""
         scales: dict[str, torch.Tensor] = {}
@@ -414,6 +439,7 @@ class BatchedLoRAModel:
 
     def clear(self, slot: int) -> None:
         self.virtual_tokens.pop(slot, None)
+        self.prefixes.pop(slot, None)
         for bank in self.banks.values():
             if slot < bank.num_slots:
                 bank.write(slot, None)

@@ -20,6 +20,7 @@ from adapters.dora import MAGNITUDE_KEY_RE, check_magnitude
 from adapters.errors import AdapterInvalid
 from adapters.ia3 import IA3Module, check_ia3_config, read_ia3_modules
 from adapters.peft_types import adapter_type, peft_type_of
+from adapters.prefix_tuning import AttentionShape, PrefixKV, read_prefix
 from adapters.prompt_tuning import read_virtual_tokens
 from adapters.safe_files import UnsafeFile, check_regular_file, read_json_object
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE
@@ -67,10 +68,12 @@ class LoRAWeights:
     modules: dict[str, LoRAModule | IA3Module]  # module name in the base model -> weights
     config: dict
     virtual_tokens: torch.Tensor | None = None  # prompt tuning: (num_virtual_tokens, hidden)
+    prefix: PrefixKV | None = None  # prefix tuning: per-layer keys and values
 
     @property
     def peft_type(self) -> str:
-        """``lora``, ``rslora``, ``dora`` or ``ia3`` (:mod:`adapters.peft_types`)."""
+        """``lora``, ``rslora``, ``dora``, ``ia3``, ``prompt_tuning`` or ``prefix_tuning``
+        (:mod:`adapters.peft_types`)."""
         return adapter_type(self.config)
 
     @property
@@ -81,8 +84,16 @@ class LoRAWeights:
     def target_modules(self) -> list[str]:
         return sorted({name.rsplit(".", 1)[-1] for name in self.modules})
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions the adapter adds before every prompt (prompt or prefix tuning; else 0)."""
+        if self.virtual_tokens is not None:
+            return self.virtual_tokens.shape[0]
+        return 0 if self.prefix is None else self.prefix.num_virtual_tokens
+
     def num_bytes(self) -> int:
         extra = self.virtual_tokens.nbytes if self.virtual_tokens is not None else 0
+        extra += self.prefix.num_bytes() if self.prefix is not None else 0
         return extra + sum(m.num_bytes() for m in self.modules.values())
 
 
@@ -189,8 +200,9 @@ def load_lora_weights(
     linear_shapes: Mapping[str, tuple[int, int]],
     max_rank: int,
     dtype: torch.dtype = torch.float32,
+    attention: AttentionShape | None = None,
 ) -> LoRAWeights:
-    """Reads and validates a PEFT LoRA folder against the base model's linear layers.
+    """Reads and validates a PEFT adapter folder against the base model's linear layers.
 
     Args:
         name: the adapter's name (for messages).
@@ -198,6 +210,7 @@ def load_lora_weights(
         linear_shapes: base module name -> (in_features, out_features) for every adaptable linear.
         max_rank: the largest rank the server accepts.
         dtype: dtype of the returned tensors.
+        attention: the base's attention sizes, which a prefix-tuning adapter must match (when given).
 
     Raises:
         AdapterInvalid: listing every problem found.
@@ -219,6 +232,8 @@ def load_lora_weights(
         return _load_ia3(name, weights_path, config, linear_shapes, dtype)
     if peft_type_of(config) == "PROMPT_TUNING":
         return _load_prompt_tuning(name, weights_path, config, dtype)
+    if peft_type_of(config) == "PREFIX_TUNING":
+        return _load_prefix_tuning(name, weights_path, config, dtype, attention)
     _check_config(config, max_rank, problems)
     if problems:
         raise AdapterInvalid(name, problems)
@@ -310,6 +325,18 @@ def _load_prompt_tuning(name: str, weights_path: Path, config: dict, dtype: torc
     if problems:
         raise AdapterInvalid(name, problems)
     return LoRAWeights(name=name, modules={}, config=config, virtual_tokens=virtual_tokens)
+
+
+def _load_prefix_tuning(
+    name: str, weights_path: Path, config: dict, dtype: torch.dtype, attention: AttentionShape | None
+) -> LoRAWeights:
+    """A prefix-tuning adapter (:mod:`adapters.prefix_tuning`), checked against ``attention`` if given
+    (and at install in any case)."""
+    problems: list[str] = []
+    prefix = read_prefix(config, _read_tensors(name, weights_path), dtype, problems, attention)
+    if problems:
+        raise AdapterInvalid(name, problems)
+    return LoRAWeights(name=name, modules={}, config=config, prefix=prefix)
 
 
 def _load_ia3(

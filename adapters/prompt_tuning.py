@@ -15,7 +15,7 @@ import torch
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 
 
-def _positive_int(value: object) -> bool:
+def positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
@@ -25,9 +25,9 @@ def read_virtual_tokens(
     """The ``(num_virtual_tokens, token_dim)`` embeddings of a PEFT prompt-tuning folder, or None with
     every problem appended to ``problems``."""
     virtual, dim = config.get("num_virtual_tokens"), config.get("token_dim")
-    if not _positive_int(virtual):
+    if not positive_int(virtual):
         problems.append(f"num_virtual_tokens must be a positive integer, got {virtual!r}")
-    if not _positive_int(dim):
+    if not positive_int(dim):
         problems.append(f"token_dim must be a positive integer, got {dim!r}")
     if config.get("num_transformer_submodules", 1) != 1:
         problems.append(
@@ -42,7 +42,7 @@ def read_virtual_tokens(
     if embeddings is None:
         problems.append(f"the adapter holds no {PROMPT_EMBEDDINGS_KEY}")
         return None
-    if not (_positive_int(virtual) and _positive_int(dim)):
+    if not (positive_int(virtual) and positive_int(dim)):
         return None
     if tuple(embeddings.shape) != (virtual, dim):
         problems.append(

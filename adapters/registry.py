@@ -210,7 +210,14 @@ class AdapterRegistry:
 
     def _read_from_store(self, name: str) -> LoRAWeights:
         folder = self.store.require(name)
-        return load_lora_weights(name, folder, self.lora.linear_shapes, self.max_rank, dtype=self.lora.dtype)
+        return load_lora_weights(
+            name,
+            folder,
+            self.lora.linear_shapes,
+            self.max_rank,
+            dtype=self.lora.dtype,
+            attention=self.lora.attention_shape,
+        )
 
     def _ensure(
         self,

@@ -10,6 +10,7 @@ import pytest
 from tests.tiny_models import (
     save_random_adapter,
     save_random_ia3_adapter,
+    save_random_prefix_tuning_adapter,
     save_random_prompt_tuning_adapter,
     save_tiny_base,
 )
@@ -79,7 +80,8 @@ PEFT_TYPE_ADAPTERS = {
 @pytest.fixture(scope="session")
 def peft_type_sources(tiny_base_dir, tmp_path_factory) -> dict[str, Path]:
     """One tiny adapter per servable PEFT type: rsLoRA with rank/alpha patterns, DoRA (plain and
-    rsLoRA), IA³ (feedforward input scaling and output scaling in one adapter), prompt tuning."""
+    rsLoRA), IA³ (feedforward input scaling and output scaling in one adapter), prompt tuning, prefix
+    tuning (plain, and with PEFT's ``prefix_projection`` MLP)."""
     root = tmp_path_factory.mktemp("peft-types")
     sources = {
         name: save_random_adapter(tiny_base_dir, root / name, **kw) for name, kw in PEFT_TYPE_ADAPTERS.items()
@@ -87,6 +89,12 @@ def peft_type_sources(tiny_base_dir, tmp_path_factory) -> dict[str, Path]:
     sources["ia3"] = save_random_ia3_adapter(tiny_base_dir, root / "ia3", seed=14)
     sources["prompt-tuning"] = save_random_prompt_tuning_adapter(
         tiny_base_dir, root / "prompt-tuning", seed=15
+    )
+    sources["prefix-tuning"] = save_random_prefix_tuning_adapter(
+        tiny_base_dir, root / "prefix-tuning", seed=16
+    )
+    sources["prefix-projection"] = save_random_prefix_tuning_adapter(
+        tiny_base_dir, root / "prefix-projection", seed=17, prefix_projection=True
     )
     return sources
 

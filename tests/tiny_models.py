@@ -119,6 +119,31 @@ def save_random_prompt_tuning_adapter(
     return out_dir
 
 
+def save_random_prefix_tuning_adapter(
+    base_dir: Path, out_dir: Path, num_virtual_tokens: int = 3, seed: int = 0, prefix_projection: bool = False
+) -> Path:
+    """A PEFT prefix-tuning adapter with ``N(0, 1)`` prefix parameters (the MLP's too, with
+    ``prefix_projection``), saved as PEFT does."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=num_virtual_tokens,
+        prefix_projection=prefix_projection,
+        encoder_hidden_size=16,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_()
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
 def save_random_ia3_adapter(
     base_dir: Path,
     out_dir: Path,

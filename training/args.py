@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.base_model import QUANTIZATIONS
-from adapters.peft_types import ADAPTER_TYPES, IA3
+from adapters.peft_types import IA3, PROMPT_LEARNING_TYPES, TRAIN_METHODS
 from adapters.store import check_adapter_name
 
 SCHEDULERS = ("linear", "cosine", "constant")
 OVERLONG_POLICIES = ("drop", "truncate")
+UNFREEZE_MODES = ("all", "gradual")  # see training/gradual_unfreezing.py
 
 
 class ArgumentError(ValueError):
@@ -59,9 +60,12 @@ class DataArgs:
 class LoRAArgs:
     """The adapter's shape: ``ΔW = (alpha / r) · B @ A`` on ``target_modules`` of the top ``layers``.
 
-    ``method`` is one of :data:`adapters.peft_types.ADAPTER_TYPES`: ``lora``, ``rslora`` (scaling
-    ``alpha / √r``), ``dora`` (LoRA plus a learned per-row magnitude) or ``ia3`` (a learned vector per
-    module; it has no rank, alpha or dropout, so those flags must keep their defaults, nor ``--layers``).
+    ``method`` is one of :data:`adapters.peft_types.TRAIN_METHODS`: ``lora``, ``rslora`` (scaling
+    ``alpha / √r``), ``dora`` (LoRA plus a learned per-row magnitude), ``ia3`` (a learned vector per
+    module; it has no rank, alpha or dropout, so those flags must keep their defaults, nor ``--layers``),
+    ``prompt-tuning`` (``num_virtual_tokens`` learned input embeddings) or ``prefix-tuning``
+    (``num_virtual_tokens`` learned keys and values in every layer). The two prompt-learning methods
+    change no linear layer: none of the LoRA flags apply to them.
     """
 
     r: int = 16
@@ -70,10 +74,17 @@ class LoRAArgs:
     target_modules: list[str] | str = "all-linear"
     layers: int | None = None  # train only the top N transformer layers (None = all)
     method: str = "lora"
+    num_virtual_tokens: int = 8  # prompt and prefix tuning only
+
+    @property
+    def adapter_type(self) -> str:
+        """The served type this method trains (``prompt-tuning`` → ``prompt_tuning``)."""
+        return self.method.replace("-", "_")
 
     def __post_init__(self) -> None:
-        _require(self.method in ADAPTER_TYPES, "--method", f"must be one of {', '.join(ADAPTER_TYPES)}")
-        if self.method == IA3:
+        _require(self.method in TRAIN_METHODS, "--method", f"must be one of {', '.join(TRAIN_METHODS)}")
+        prompt_learning = self.adapter_type in PROMPT_LEARNING_TYPES
+        if self.method == IA3 or prompt_learning:
             for flag, value, default in (
                 ("--r", self.r, 16),
                 ("--alpha", self.alpha, 32.0),
@@ -82,9 +93,23 @@ class LoRAArgs:
                 _require(
                     value == default,
                     flag,
-                    "IA3 has no rank, alpha or dropout; leave it out with --method ia3",
+                    f"{self.method} has no rank, alpha or dropout; leave it out with --method {self.method}",
                 )
-            _require(self.layers is None, "--layers", "PEFT's IA3 cannot be limited to the top layers")
+            _require(
+                self.layers is None, "--layers", f"PEFT's {self.method} cannot be limited to the top layers"
+            )
+        if prompt_learning:
+            _require(
+                self.target_modules == "all-linear",
+                "--target-modules",
+                f"{self.method} adds virtual tokens and targets no module",
+            )
+        _require(
+            prompt_learning or self.num_virtual_tokens == 8,
+            "--num-virtual-tokens",
+            "only prompt-tuning and prefix-tuning have virtual tokens",
+        )
+        _require(1 <= self.num_virtual_tokens <= 512, "--num-virtual-tokens", "must be in [1, 512]")
         _require(1 <= self.r <= 1024, "--r", "must be in [1, 1024]")
         _require(self.alpha > 0, "--alpha", "must be positive")
         _require(0.0 <= self.dropout < 1.0, "--dropout", "must be in [0, 1)")
@@ -114,8 +139,17 @@ class OptimArgs:
     logging_steps: int | None = None  # None = about 50 points on the loss curve
     save_steps: int = 0  # Trainer checkpoints every N steps (0 = none); see --resume-checkpoint
     gradient_checkpointing: bool = False
+    unfreeze: str = "all"  # "gradual": top layers' adapters first, lower ones stage by stage
+    unfreeze_stages: int = 2  # with --unfreeze gradual: equal stages of the run's steps
 
     def __post_init__(self) -> None:
+        _require(self.unfreeze in UNFREEZE_MODES, "--unfreeze", f"must be one of {UNFREEZE_MODES}")
+        _require(self.unfreeze_stages >= 1, "--unfreeze-stages", "must be at least 1")
+        _require(
+            self.unfreeze == "gradual" or self.unfreeze_stages == 2,
+            "--unfreeze-stages",
+            "only applies with --unfreeze gradual",
+        )
         _require(self.epochs > 0, "--epochs", "must be positive")
         _require(self.max_steps is None or self.max_steps >= 1, "--max-steps", "must be at least 1")
         _require(self.batch_size >= 1, "--batch-size", "must be at least 1")
@@ -208,3 +242,15 @@ class TrainConfig:
     lora: LoRAArgs = field(default_factory=LoRAArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     continual: ContinualArgs = field(default_factory=ContinualArgs)
+
+    def __post_init__(self) -> None:
+        _require(
+            not (self.lora.method == "prefix-tuning" and self.optim.gradient_checkpointing),
+            "--gradient-checkpointing",
+            "PEFT's prefix tuning does not work with gradient checkpointing",
+        )
+        _require(
+            not (self.optim.unfreeze == "gradual" and self.lora.adapter_type in PROMPT_LEARNING_TYPES),
+            "--unfreeze",
+            f"{self.lora.method} has no per-layer adapter parameters to unfreeze gradually",
+        )

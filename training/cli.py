@@ -11,11 +11,12 @@ from pathlib import Path
 
 from adapters.base_model import QUANTIZATIONS, BaseModelError
 from adapters.errors import AdapterExists, AdapterInvalid, AdapterNameInvalid, AdapterNotFound
-from adapters.peft_types import ADAPTER_TYPES
+from adapters.peft_types import TRAIN_METHODS
 from adapters.shared_settings import SharedSettings
 from training.args import (
     OVERLONG_POLICIES,
     SCHEDULERS,
+    UNFREEZE_MODES,
     ArgumentError,
     ContinualArgs,
     DataArgs,
@@ -40,7 +41,8 @@ def build_parser(prog: str = "loraplex train") -> argparse.ArgumentParser:
     d_lora, d_optim, d_cont = LoRAArgs(), OptimArgs(), ContinualArgs()
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Train a LoRA adapter (QLoRA) on the server's base model and write it into the "
+        description="Train an adapter (QLoRA: LoRA, rsLoRA, DoRA, IA3, prompt or prefix tuning) on the "
+        "server's base model and write it into the "
         "adapter store.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -103,9 +105,18 @@ def build_parser(prog: str = "loraplex train") -> argparse.ArgumentParser:
     lora.add_argument("--layers", type=int, help="train only the top N transformer layers (default: all)")
     lora.add_argument(
         "--method",
-        choices=ADAPTER_TYPES,
+        choices=TRAIN_METHODS,
         default=d_lora.method,
-        help="lora; rslora (alpha/sqrt(r)); dora (weight-decomposed LoRA); ia3 (learned activation scaling)",
+        help="lora; rslora (alpha/sqrt(r)); dora (weight-decomposed LoRA); ia3 (learned activation "
+        "scaling); prompt-tuning (learned virtual input tokens); prefix-tuning (learned virtual keys and "
+        "values in every layer). The last three take no --r/--alpha/--dropout/--layers",
+    )
+    lora.add_argument(
+        "--num-virtual-tokens",
+        type=int,
+        default=d_lora.num_virtual_tokens,
+        help="prompt-tuning and prefix-tuning: how many virtual tokens the adapter puts before every "
+        "prompt (they count against the context length when served)",
     )
 
     optim = parser.add_argument_group("optimisation")
@@ -131,6 +142,21 @@ def build_parser(prog: str = "loraplex train") -> argparse.ArgumentParser:
         "--save-steps", type=int, default=0, help="Trainer checkpoint every N steps (0 = none)"
     )
     optim.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~30%% slower")
+    optim.add_argument(
+        "--unfreeze",
+        choices=UNFREEZE_MODES,
+        default=d_optim.unfreeze,
+        help="all: every adapter layer trains from the first step. gradual (ULMFiT): the run's steps are "
+        "split into --unfreeze-stages equal stages; in stage k of N the adapters of the top ceil(k*L/N) "
+        "of the model's L layers train and the lower ones stay as initialised, so the top layers train "
+        "first and the last stage trains all (LoRA, rsLoRA, DoRA and IA3 only)",
+    )
+    optim.add_argument(
+        "--unfreeze-stages",
+        type=int,
+        default=d_optim.unfreeze_stages,
+        help="with --unfreeze gradual: how many stages (at most the model's layers)",
+    )
 
     cont = parser.add_argument_group("continual fine-tuning")
     cont.add_argument(
@@ -184,6 +210,7 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             target_modules=ns.target_modules,
             layers=ns.layers,
             method=ns.method,
+            num_virtual_tokens=ns.num_virtual_tokens,
         ),
         optim=OptimArgs(
             epochs=ns.epochs,
@@ -202,6 +229,8 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
             logging_steps=ns.logging_steps,
             save_steps=ns.save_steps,
             gradient_checkpointing=ns.gradient_checkpointing,
+            unfreeze=ns.unfreeze,
+            unfreeze_stages=ns.unfreeze_stages,
         ),
         continual=ContinualArgs(
             resume_from=ns.resume_from,

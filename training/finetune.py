@@ -26,12 +26,19 @@ from adapters.base_model import BaseModel, load_base_model, resolve_base_model
 from adapters.errors import AdapterExists
 from adapters.lora import load_lora_weights
 from adapters.peft_types import adapter_type
+from adapters.prefix_tuning import attention_shape_of
 from adapters.store import CARD_FILE, AdapterStore
 from training.args import ArgumentError, TrainConfig
 from training.card import build_card, perplexity, write_card
 from training.continual import EWCPenalty, OldTaskRows, estimate_fisher, split_old_rows
 from training.data import DatasetError, read_dataset, split_holdout
-from training.lora_model import attach_new_adapter, attach_stored_adapter, prepare_for_training
+from training.lora_model import (
+    attach_new_adapter,
+    attach_stored_adapter,
+    lora_parameters,
+    num_hidden_layers,
+    prepare_for_training,
+)
 from training.loss_curve import LOSS_CURVE_FILE, plot_loss_curve
 from training.tokenization import PaddingCollator, TokenizedDataset, TokenizedSet, tokenize_dataset
 
@@ -199,6 +206,7 @@ def main(
             config.optim.batch_size,
             config.continual.ewc_lambda,
         )
+    callbacks = callbacks + _unfreezing(config, model, len(data.train.examples))
     trainer = build_trainer(config, model, base, data, penalty, callbacks, clock)
     old_before = _evaluate_old(trainer, data.old)
     eval_before = trainer.evaluate()["eval_loss"] if data.eval is not None else None
@@ -235,6 +243,19 @@ def main(
     path = save_adapter(config, store, model, card, metrics, shapes)
     _remove_run_dir(config)
     return TrainResult(adapter_path=path, card=card)
+
+
+def _unfreezing(config: TrainConfig, model, n_rows: int) -> list:
+    """The gradual-unfreezing callback for ``--unfreeze gradual`` (else nothing)."""
+    if config.optim.unfreeze != "gradual":
+        return []
+    from training.gradual_unfreezing import GradualUnfreezing
+
+    layers = num_hidden_layers(model)
+    if config.optim.unfreeze_stages > layers:
+        raise ArgumentError("--unfreeze-stages", f"must be at most the model's {layers} layers")
+    steps = total_steps(config, n_rows)
+    return [GradualUnfreezing(lora_parameters(model).items(), layers, config.optim.unfreeze_stages, steps)]
 
 
 def _trainer_class():
@@ -424,14 +445,14 @@ def _speed(trainer, clock: _RunClock, train_seconds: float, base: BaseModel) -> 
 
 def _lora_summary(model) -> dict:
     config = model.peft_config[model.active_adapter]
+    targets = getattr(config, "target_modules", None)  # prompt and prefix tuning target no module
     return {
         "method": adapter_type(config.to_dict()),
         "r": getattr(config, "r", None),  # IA3 has no rank, alpha or dropout
         "alpha": getattr(config, "lora_alpha", None),
         "dropout": getattr(config, "lora_dropout", None),
-        "target_modules": sorted(config.target_modules)
-        if isinstance(config.target_modules, (set, list))
-        else config.target_modules,
+        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+        "num_virtual_tokens": getattr(config, "num_virtual_tokens", None),  # prompt and prefix tuning
         "layers_to_transform": getattr(config, "layers_to_transform", None),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
@@ -444,7 +465,7 @@ def save_adapter(config: TrainConfig, store: AdapterStore, model, card: dict, me
     try:
         model.save_pretrained(staged, safe_serialization=True)
         load_lora_weights(
-            name, staged, shapes, max_rank=max(card["lora"]["r"] or 1, 1)
+            name, staged, shapes, max_rank=max(card["lora"]["r"] or 1, 1), attention=attention_shape_of(model)
         )  # the server's own check
         write_card(card, staged / CARD_FILE)
         plot_loss_curve(

@@ -1,4 +1,5 @@
-"""Wrapping the shared base model with a trainable LoRA adapter (new, or resumed from the store)."""
+"""Wrapping the shared base model with a trainable adapter (new, or resumed from the store): LoRA, rsLoRA,
+DoRA, IA³, prompt tuning or prefix tuning."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 
 from adapters.base_model import BaseModel
-from adapters.peft_types import DORA, IA3, RSLORA
+from adapters.peft_types import DORA, IA3, PREFIX_TUNING, PROMPT_TUNING, RSLORA
 from training.args import LoRAArgs
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,32 @@ def ia3_config(args: LoRAArgs, model: torch.nn.Module):
     )  # PEFT's IA3Config has no layers_to_transform: LoRAArgs refuses --layers with ia3
 
 
+def prompt_learning_config(args: LoRAArgs):
+    """PEFT's ``PromptTuningConfig`` (virtual tokens started from random vocabulary embeddings, so they
+    begin on the scale of real ones) or ``PrefixTuningConfig`` (the prefix itself is learned, without
+    PEFT's optional reparameterising MLP, so what is saved is what is trained)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+
+    if args.adapter_type == PROMPT_TUNING:
+        return PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=args.num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+        )
+    return PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens, prefix_projection=False
+    )
+
+
+def peft_config_for(args: LoRAArgs, model: torch.nn.Module):
+    """The PEFT config of a new adapter of ``args.method``."""
+    if args.method == IA3:
+        return ia3_config(args, model)
+    if args.adapter_type in (PROMPT_TUNING, PREFIX_TUNING):
+        return prompt_learning_config(args)
+    return lora_config(args, model)
+
+
 def prepare_for_training(base: BaseModel, gradient_checkpointing: bool) -> torch.nn.Module:
     """Makes the serving-mode base (eval, frozen) trainable under a LoRA adapter.
 
@@ -112,8 +139,7 @@ def disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:
 def attach_new_adapter(model: torch.nn.Module, args: LoRAArgs):
     from peft import get_peft_model
 
-    config = ia3_config(args, model) if args.method == IA3 else lora_config(args, model)
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, peft_config_for(args, model))
     _log_trainable(peft_model)
     return peft_model
 
@@ -128,7 +154,7 @@ def attach_stored_adapter(model: torch.nn.Module, folder: Path):
 
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The trainable LoRA parameters by name."""
+    """The trainable adapter parameters by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 

@@ -20,6 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from server.engine.prefix_attention import PREFIX_KV_KWARG, prefix_prompt_attention
+
 ATTENTION_NAME = "loraplex"
 
 
@@ -36,7 +38,8 @@ def engine_attention(
     """Returns ``((B, T, H, D), None)`` like transformers' attention functions."""
     boundaries = kwargs.get("cu_seq_lens_q")
     if boundaries is not None and query.shape[0] == 1 and dropout == 0.0:
-        return _packed_prefill(query, key, value, boundaries, scaling), None
+        prefixes = kwargs.get(PREFIX_KV_KWARG)  # prefix tuning: per prompt, or None
+        return _packed_prefill(query, key, value, boundaries, scaling, prefixes, module), None
     decode_step = query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool
     plain = dropout == 0.0 and "softcap" not in kwargs and getattr(module, "sliding_window", None) is None
     if decode_step and plain:
@@ -47,12 +50,22 @@ def engine_attention(
 
 
 def _packed_prefill(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: torch.Tensor, scaling
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    boundaries: torch.Tensor,
+    scaling,
+    prefixes=None,
+    module: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
     bounds = boundaries.tolist()
     parts = []
-    for start, end in zip(bounds, bounds[1:]):
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if prefixes is not None and prefixes[i] is not None:  # a prefix-tuned prompt
+            q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+            parts.append(prefix_prompt_attention(q, k, v, prefixes[i], module.layer_idx, scaling))
+            continue
         parts.append(
             torch.nn.functional.scaled_dot_product_attention(
                 query[:, :, start:end],

@@ -136,10 +136,12 @@ class LLMEngine:
             if self._thread is None or not self._thread.is_alive() or self._stop.is_set() or self.failed:
                 raise EngineUnavailable("The generation engine is not running.")
             for request in requests:
-                prompt_tokens = len(request.prompt_token_ids)
+                # prompt and prefix tuning take positions before the prompt: they count too
+                virtual = self.runner.lora.virtual_token_count(request.adapter_slot)
+                prompt_tokens = len(request.prompt_token_ids) + virtual
                 if prompt_tokens + request.sampling.max_tokens > self.config.context_length:
                     raise ContextLengthExceeded(
-                        prompt_tokens, request.sampling.max_tokens, self.config.context_length
+                        prompt_tokens, request.sampling.max_tokens, self.config.context_length, virtual
                     )
             seqs = [Sequence(r, emit, make_generator(r.sampling, self.runner.device)) for r in requests]
             for seq in seqs:  # each constrained row gets its own matcher

@@ -9,9 +9,11 @@ import torch
 from transformers import DynamicCache
 
 from adapters.batched_lora import BatchedLoRAModel
+from adapters.prefix_tuning import PrefixKV
 from server.engine.attention import use_engine_attention
 from server.engine.kv_cache import BatchKVCache
 from server.engine.llama_decode import LlamaDecodeStep, supports_fast_decode
+from server.engine.prefix_attention import PREFIX_KV_KWARG
 from server.engine.types import TokenLogprob
 
 
@@ -81,7 +83,13 @@ class ModelRunner:
         inputs = {"input_ids": input_ids}
         if any(v is not None for v in virtual):
             inputs = {"inputs_embeds": self._with_virtual_tokens(input_ids, prompts, virtual)}
-        position_ids = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]  # (1, ΣT)
+        prefixes = [self.lora.prefixes.get(slot) for _, slot in prompts]  # prefix tuning, else None
+        if any(p is not None for p in prefixes):
+            inputs[PREFIX_KV_KWARG] = prefixes  # the attention's hook (server/engine/prefix_attention.py)
+        firsts = [0 if p is None else p.num_virtual_tokens for p in prefixes]  # PEFT: after the prefix
+        position_ids = torch.cat(
+            [torch.arange(f, f + n, device=self.device) for f, n in zip(firsts, lengths)]
+        )[None]  # (1, ΣT)
         cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
         ranges = [(slot, bounds[i], bounds[i + 1]) for i, (_, slot) in enumerate(prompts)]
         cache = DynamicCache()
@@ -102,7 +110,7 @@ class ModelRunner:
         return [
             Prefilled(
                 logits[i],
-                [(layer.keys[:, :, start:end], layer.values[:, :, start:end]) for layer in cache.layers],
+                _row_layers(cache, start, end, prefixes[i]),
                 None
                 if asked[i] is None
                 else self._prompt_logprobs(
@@ -190,3 +198,20 @@ class ModelRunner:
 def _count(virtual_tokens: torch.Tensor | None) -> int:
     """How many virtual (prompt-tuning) positions precede a prompt's own tokens."""
     return 0 if virtual_tokens is None else virtual_tokens.shape[0]
+
+
+def _row_layers(
+    cache: DynamicCache, start: int, end: int, prefix: PrefixKV | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One packed prompt's per-layer ``(1, kv_heads, T, head_dim)`` K/V; a prefix-tuned prompt's prefix
+    comes first (``(1, kv_heads, n + T, head_dim)``), so it lands in the KV cache just before the prompt."""
+    layers = [(layer.keys[:, :, start:end], layer.values[:, :, start:end]) for layer in cache.layers]
+    if prefix is None:
+        return layers
+    return [
+        (
+            torch.cat([prefix.keys[i][None].to(k), k], dim=2),
+            torch.cat([prefix.values[i][None].to(v), v], dim=2),
+        )
+        for i, (k, v) in enumerate(layers)
+    ]

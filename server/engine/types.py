@@ -16,11 +16,12 @@ class ContextLengthExceeded(ValueError):
     code = "context_length_exceeded"
     param = "messages"
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, virtual_tokens: int = 0):
+        adapter = f", of which {virtual_tokens} are the adapter's virtual tokens" if virtual_tokens else ""
         super().__init__(
             f"This model's maximum context length is {context_length} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the prompt or max_tokens."
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt{adapter}, {max_tokens} for "
+            "the completion). Please reduce the prompt or max_tokens."
         )
 
 

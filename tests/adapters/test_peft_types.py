@@ -1,4 +1,5 @@
-"""rsLoRA, DoRA and IA³ from PEFT's format: validation, the batched layer's modes, NF4, merges, export."""
+"""rsLoRA, DoRA, IA³, prompt and prefix tuning from PEFT's format: validation, the batched layer's modes,
+NF4, merges, export."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ TYPES = {
     "dora-rslora": "dora",
     "ia3": "ia3",
     "prompt-tuning": "prompt_tuning",
+    "prefix-tuning": "prefix_tuning",
+    "prefix-projection": "prefix_tuning",
 }
 
 
@@ -243,7 +246,7 @@ def test_a_zero_norm_row_is_refused_at_install_and_frees_its_slot(registry, peft
     assert len(reg._free_slots) == free_before and not reg.is_loaded("dora")
 
 
-@pytest.mark.parametrize("other", ["dora", "ia3", "prompt-tuning"])
+@pytest.mark.parametrize("other", ["dora", "ia3", "prompt-tuning", "prefix-tuning"])
 def test_merges_refuse_dora_and_ia3_parts_by_name(registry, other):
     reg, _ = registry
     parts = [reg.read_weights("attn-r4"), reg.read_weights(other)]
@@ -281,13 +284,13 @@ def test_export_folds_each_type_like_peft_merge_and_unload(tiny_base_dir, peft_t
         )
 
 
-@pytest.mark.parametrize("kind", ["PROMPT_TUNING", "PREFIX_TUNING"])
+@pytest.mark.parametrize(
+    "name,kind", [("prompt-tuning", "PROMPT_TUNING"), ("prefix-tuning", "PREFIX_TUNING")]
+)
 def test_export_refuses_prompt_and_prefix_tuning_with_a_reason(
-    tiny_base_dir, peft_type_sources, tmp_path, kind
+    tiny_base_dir, peft_type_sources, tmp_path, name, kind
 ):
-    folder = _broken_copy(
-        peft_type_sources["prompt-tuning"], tmp_path, edit_config=lambda c: c.update(peft_type=kind)
-    )
+    folder = peft_type_sources[name]
     with pytest.raises(AdapterInvalid, match=f"{kind} adds virtual tokens"):
         export_merged_model(tiny_base_dir, folder, tmp_path / "out", quantization="none")
     assert not (tmp_path / "out").exists()
@@ -325,6 +328,64 @@ def test_a_broken_prompt_tuning_adapter_lists_every_problem(registry, peft_type_
     folder.rename(reg.store.root / "prompt-tuning")
     with pytest.raises(AdapterInvalid, match="prompt embeddings are 32 wide, the base's are 64"):
         reg.load("prompt-tuning")
+
+
+def test_a_broken_prefix_tuning_adapter_lists_every_problem(registry, peft_type_sources, tmp_path):
+    """The tiny base has 2 layers of 2 key/value heads of 16; every mismatch is one reason."""
+    reg, _ = registry
+
+    def _load(folder):
+        with pytest.raises(AdapterInvalid) as info:
+            load_lora_weights(
+                "broken", folder, reg.lora.linear_shapes, 64, attention=reg.lora.attention_shape
+            )
+        return info.value.problems
+
+    def tensors(t):
+        t["prompt_embeddings"] = torch.full((3, 6 * 64), float("nan"))  # 3 layers of 4 heads of 16
+        t["transform.0.weight"] = torch.ones(16, 32)  # an MLP that was not projected at save
+
+    def config(c):
+        c.update(num_layers=3, num_attention_heads=4, token_dim=64)
+
+    folder = _broken_copy(peft_type_sources["prefix-tuning"], tmp_path, config, tensors)
+    problems = _load(folder)
+    assert len(problems) == 4, problems
+    assert "the prefix is for 3 layers (num_layers), the base has 2" in problems
+    assert "the prefix has 4 key/value heads per layer (num_attention_heads), the base has 2" in problems
+    assert any("unexpected tensors ['transform.0.weight']" in p for p in problems)
+    assert any("NaN or infinity" in p for p in problems)
+
+    folder = _broken_copy(
+        peft_type_sources["prefix-tuning"],
+        tmp_path / "cfg",
+        edit_config=lambda c: c.update(num_virtual_tokens=2, token_dim=31, num_transformer_submodules=2),
+    )
+    assert _load(folder) == [
+        "prefix tuning for encoder-decoder models (num_transformer_submodules != 1) is not supported",
+        "token_dim 31 is not a multiple of num_attention_heads 2",
+    ]
+    folder = _broken_copy(
+        peft_type_sources["prefix-tuning"],
+        tmp_path / "n",
+        edit_config=lambda c: c.update(num_virtual_tokens=2),
+    )
+    assert _load(folder) == [
+        "prompt_embeddings has shape (3, 128), expected (2, 128) (num_virtual_tokens, num_layers·2·token_dim)"
+    ]
+
+    def one_layer(t):
+        t["prompt_embeddings"] = torch.ones(3, 64)  # a 1-layer prefix the config describes as such
+
+    folder = _broken_copy(
+        peft_type_sources["prefix-tuning"], tmp_path / "layers", lambda c: c.update(num_layers=1), one_layer
+    )
+    shutil.rmtree(reg.store.root / "prefix-tuning")
+    folder.rename(reg.store.root / "prefix-tuning")
+    free_before = len(reg._free_slots)
+    with pytest.raises(AdapterInvalid, match=r"the prefix is for 1 layers \(num_layers\), the base has 2"):
+        reg.load("prefix-tuning")  # the registry checks against the base it serves
+    assert len(reg._free_slots) == free_before and not reg.is_loaded("prefix-tuning")
 
 
 def test_the_store_describes_each_adapters_type(peft_type_store_dir):

@@ -131,9 +131,12 @@ def test_non_lora_config_is_refused(tmp_path, adapter_store_dir, linear_shapes):
     bad = tmp_path / "bad"
     shutil.copytree(adapter_store_dir / "attn-r4", bad)
     config = json.loads((bad / CONFIG_FILE).read_text())
-    config["peft_type"] = "PREFIX_TUNING"
+    config["peft_type"] = "P_TUNING"
     (bad / CONFIG_FILE).write_text(json.dumps(config))
     _expect_invalid(bad, linear_shapes, "peft_type must be LORA")
+    config["peft_type"] = "PREFIX_TUNING"  # a prefix-tuning config over LoRA tensors
+    (bad / CONFIG_FILE).write_text(json.dumps(config))
+    _expect_invalid(bad, linear_shapes, "a prefix-tuning adapter holds only prompt_embeddings")
     config["peft_type"] = "IA3"  # an IA3 config over LoRA tensors
     (bad / CONFIG_FILE).write_text(json.dumps(config))
     _expect_invalid(bad, linear_shapes, "an IA3 adapter holds only ia3_l vectors")

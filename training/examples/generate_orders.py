@@ -125,12 +125,19 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    for filename, count in (("orders_train.jsonl", args.train), ("orders_test.jsonl", args.test)):
-        with open(args.out / filename, "w") as f:
+    write_splits(
+        make_row, args.seed, args.out, {"orders_train.jsonl": args.train, "orders_test.jsonl": args.test}
+    )
+
+
+def write_splits(make_row, seed: int, out: Path, counts: dict[str, int]) -> None:
+    """Writes ``counts[filename]`` rows of ``make_row(rng)`` into each file, in order, from one seeded rng."""
+    rng = random.Random(seed)
+    for filename, count in counts.items():
+        with open(out / filename, "w") as f:
             for _ in range(count):
                 f.write(json.dumps(make_row(rng)) + "\n")
-        print(f"wrote {count} rows to {args.out / filename}")
+        print(f"wrote {count} rows to {out / filename}")
 
 
 if __name__ == "__main__":

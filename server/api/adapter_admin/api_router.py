@@ -128,7 +128,13 @@ def _store_validated(state: ServingState, name: str, write: Callable[[Path], Non
     staged = state.store.staging_dir(name)
     try:
         write(staged)
-        load_lora_weights(name, staged, registry.lora.linear_shapes, registry.max_rank)
+        load_lora_weights(
+            name,
+            staged,
+            registry.lora.linear_shapes,
+            registry.max_rank,
+            attention=registry.lora.attention_shape,
+        )
         if overwrite:
             registry.forget(name)
         state.store.commit_staged(staged, name, overwrite=overwrite)

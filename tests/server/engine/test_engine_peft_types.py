@@ -1,4 +1,5 @@
-"""The engine serves rsLoRA, DoRA, IA³ and prompt-tuning adapters as PEFT computes them, in one batch."""
+"""The engine serves rsLoRA, DoRA, IA³, prompt- and prefix-tuning adapters as PEFT computes them, in one
+batch."""
 
 from __future__ import annotations
 
@@ -18,7 +19,17 @@ from server.engine.runner import ModelRunner
 from server.engine.types import GenerationRequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-ADAPTERS = [None, "attn-r4", "rslora-patterns", "dora", "dora-rslora", "ia3", "prompt-tuning"]
+ADAPTERS = [
+    None,
+    "attn-r4",
+    "rslora-patterns",
+    "dora",
+    "dora-rslora",
+    "ia3",
+    "prompt-tuning",
+    "prefix-tuning",
+    "prefix-projection",
+]
 PROMPTS = [
     "hello world",
     "the quick brown fox",
@@ -27,6 +38,8 @@ PROMPTS = [
     "x y z",
     "one more prompt here",
     "pt",
+    "prefix me",
+    "projected prefix",
 ]
 
 
@@ -34,7 +47,7 @@ PROMPTS = [
 def engine(tiny_base_dir, peft_type_store_dir):
     base = load_base_model(tiny_base_dir, "none", "cpu", dtype=torch.float32)
     lora = BatchedLoRAModel(base.model, torch.float32)
-    registry = AdapterRegistry(AdapterStore(peft_type_store_dir), lora, max_loaded=7, max_rank=64)
+    registry = AdapterRegistry(AdapterStore(peft_type_store_dir), lora, max_loaded=len(ADAPTERS), max_rank=64)
     eng = LLMEngine(
         ModelRunner(base.model, lora, base.device),
         registry,
@@ -109,3 +122,48 @@ def test_a_mixed_batch_of_types_generates_what_each_request_generates_alone(engi
     queues = [_generate(eng, tok, f"batch{i}", prompt, a) for i, a in enumerate(ADAPTERS)]
     assert [_text(q) for q in queues] == solo
     assert len(set(solo)) == len(solo)  # every adapter type really changes the output
+
+
+@pytest.mark.parametrize("adapter", ["prefix-tuning", "prefix-projection"])
+def test_served_greedy_prefix_tuning_equals_a_greedy_loop_over_peft_forward(
+    engine, tiny_base_dir, peft_type_sources, adapter
+):
+    """PEFT 0.21's ``generate`` ignores a prefix-tuning adapter, so the reference is its forward over
+    the whole sequence, one greedy token at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    eng, tok = engine
+    prompt = "greedy with a prefix"
+    served = _text(_generate(eng, tok, f"prefix-{adapter}", prompt, adapter))
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(model, peft_type_sources[adapter]).eval()
+    ids = tok(prompt)["input_ids"]
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(GREEDY.max_tokens):
+            logits = reference(input_ids=torch.tensor([ids + generated])).logits[0, -1]
+            generated.append(int(logits.argmax()))
+    assert served == tok.decode(generated)
+    base = _text(_generate(eng, tok, f"base-{adapter}", prompt, None))
+    assert served != base  # the prefix really changes what is generated
+
+
+@pytest.mark.parametrize("adapter", ["prompt-tuning", "prefix-tuning"])
+def test_the_context_budget_counts_the_adapters_virtual_tokens(engine, adapter):
+    """A prompt that fits the window on the base does not fit once the adapter's virtual tokens
+    (4 for prompt tuning, 3 for prefix tuning) take their positions before it."""
+    from server.engine.types import ContextLengthExceeded
+
+    eng, _ = engine
+    window = eng.config.context_length
+    prompt = list(range(3, 3 + window - GREEDY.max_tokens))  # exactly fills the window on the base
+    eng.submit(
+        GenerationRequest("fits", prompt, GREEDY, eng.registry.lease(AdapterChoice(None))), queue.Queue().put
+    )
+    lease = eng.registry.lease(AdapterChoice(adapter))
+    virtual = eng.runner.lora.virtual_token_count(lease.slot)
+    assert virtual in (3, 4)
+    with pytest.raises(ContextLengthExceeded, match=f"of which {virtual} are the adapter's virtual tokens"):
+        eng.submit(GenerationRequest("too-long", prompt, GREEDY, lease), queue.Queue().put)
+    assert eng.registry.get(adapter).pins == 0  # the refused request's lease share was given back
