@@ -57,3 +57,21 @@ def build_application(settings: Settings, options: RayOptions) -> Any:
         graceful_shutdown_timeout_s=grace,
     )(Ingress)
     return ingress.bind(engine.bind(settings, options.cpus_per_replica), settings, APP_NAME, options.replicas)
+
+
+def options_and_settings(args: dict[str, Any]) -> tuple[Settings, RayOptions]:
+    """Splits a Ray Serve config's ``args`` (snake_case ``loraplex serve`` settings plus ``replicas``,
+    ``cpus_per_replica``, ``gpus_per_replica``) into the two objects; unknown keys fail, naming them."""
+    args = dict(args)
+    ray_fields = {k: args.pop(k) for k in ("replicas", "cpus_per_replica", "gpus_per_replica") if k in args}
+    unknown = sorted(set(args) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown loraplex settings in the Serve config's args: {', '.join(unknown)}")
+    return Settings(**args), RayOptions(**ray_fields)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application for a Ray Serve config file (``import_path: server.ray.app:app_builder``), as
+    KubeRay's RayService deploys it; ``args`` as for :func:`options_and_settings`."""
+    settings, options = options_and_settings(args)
+    return build_application(settings, options)
