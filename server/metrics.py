@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -54,6 +57,7 @@ class ServerMetrics:
 
     def bind(self, state) -> None:
         """Gauges read live from the engine and registry at scrape time."""
+        self.registry.register(LoraRequestsInfo(state))
         self.queue_depth.set_function(lambda: state.engine.health().waiting)
         self.running.set_function(lambda: state.engine.health().running)
         self.resident_adapters.set_function(lambda: len(state.registry.resident()))
@@ -65,3 +69,34 @@ class ServerMetrics:
         self.engine_seconds.labels("decode").set_function(lambda: stats.decode_seconds)
         self.engine_steps.set_function(lambda: stats.steps)
         self.engine_rows.set_function(lambda: stats.decode_rows)
+
+
+class LoraRequestsInfo:
+    """vLLM's ``vllm:lora_requests_info`` gauge, so LoRA-affinity routers (the Gateway API inference
+    extension's endpoint picker, llm-d) can route to loraplex as to vLLM: labels ``running_lora_adapters``
+    and ``waiting_lora_adapters`` (comma-joined adapter names), ``max_lora`` (adapters resident at
+    once); the value is the scrape's wall-clock time, as vLLM sets it to the time of its last update.
+    """
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def describe(self) -> list:
+        return []  # labels change at every scrape: nothing to check at registration
+
+    def collect(self):
+        health = self.state.engine.health()
+        family = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        family.add_metric(
+            [
+                str(self.state.settings.max_loaded_adapters),
+                ",".join(health.running_adapters),
+                ",".join(health.waiting_adapters),
+            ],
+            time.time(),
+        )
+        yield family

@@ -176,6 +176,8 @@ class LLMEngine:
             seconds_since_step=time.monotonic() - self._last_beat,
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting) + self._in_prefill,
+            running_adapters=_distinct_adapters(list(self.scheduler.running)),
+            waiting_adapters=_distinct_adapters([*self.scheduler.waiting, *self._in_hand]),
         )
 
     # ------------------------------------------------------------------ the loop
@@ -561,3 +563,8 @@ def eos_ids_for(tokenizer, model) -> set[int]:
     elif isinstance(gen_eos, (list, tuple)):
         ids.update(int(i) for i in gen_eos)
     return ids
+
+
+def _distinct_adapters(seqs: list[Sequence]) -> tuple[str, ...]:
+    """The adapters (not the base) of ``seqs``, each once, sorted."""
+    return tuple(sorted({seq.request.adapter for seq in seqs if seq.request.adapter}))

@@ -135,6 +135,8 @@ class EngineHealth:
     seconds_since_step: float
     running: int
     waiting: int
+    running_adapters: tuple[str, ...] = ()  # distinct adapters of the running batch (merges too)
+    waiting_adapters: tuple[str, ...] = ()  # distinct adapters of the sequences waiting to join it
 
 
 @dataclass
