@@ -55,7 +55,10 @@ def _module():
             sources=[str(source) for source in _SOURCES],
             # -ffp-contract=off: no multiply-adds fused per call site, so a row computes the same
             # whichever path (one row, a tile, a tail) its batch sends it through
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off"],
+            # -fopenmp: at::parallel_for splits the int8 kernel's outputs over the calling thread's
+            # torch threads (the same libgomp torch loads, by soname)
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(_build_dir()),
             verbose=False,
         )
