@@ -71,6 +71,9 @@ def build_state(settings: Settings) -> ServingState:
             context_length,
             prefill_worker,
             threads if device.type == "cpu" else None,
+            idle_prefill_decode_threads=(
+                cores if device.type == "cpu" and prefill_worker and not settings.torch_threads else None
+            ),
         ),
         eos_ids_for(base.tokenizer, base.model),
     )

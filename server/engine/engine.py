@@ -51,6 +51,9 @@ class EngineConfig:
     prefill_worker: bool = False  # prefill in a second thread while the engine thread decodes
     cpu_threads: int | None = None  # compute threads of each engine thread (None: leave as they are)
     grammar_mask_threads: int | None = None  # llguidance mask-fill threads (None: a quarter of the CPUs)
+    # the decode step's threads while the prefill worker has nothing to do (None: always cpu_threads);
+    # a lone user's decode then uses every core instead of the half kept for prefills
+    idle_prefill_decode_threads: int | None = None
 
 
 class LLMEngine:
@@ -96,6 +99,7 @@ class LLMEngine:
         self._in_prefill = 0
         self._prefilled: list[tuple[list[Sequence], list[Prefilled] | None, BaseException | None, float]] = []
         self._in_hand: list[Sequence] = []  # out of the queue, not yet in the batch: blamed if a step fails
+        self._decode_threads = config.cpu_threads  # what limit_threads last set in the engine thread
 
     # ------------------------------------------------------------------ public interface
     def start(self) -> None:
@@ -317,6 +321,7 @@ class LLMEngine:
             return
         last_tokens = [s.output_ids[-1] for s in self.scheduler.running]
         slots = [s.request.adapter_slot for s in self.scheduler.running]
+        self._set_decode_threads()
         started = time.perf_counter()
         logits = self.runner.decode(last_tokens, slots)  # (B, V); a failure is the loop's to recover
         self.stats.steps += 1
@@ -324,6 +329,19 @@ class LLMEngine:
         self.stats.decode_rows += len(slots)
         # Rows move when a sequence leaves (swap-remove), so pair each sequence with its row first.
         self._advance_all([(seq, logits[row]) for row, seq in enumerate(list(self.scheduler.running))])
+
+    def _set_decode_threads(self) -> None:
+        """Every core for the decode step while the prefill worker is idle, half while it may run.
+        (A prefill starting during the step oversubscribes the cores for that one step at most.)"""
+        alone = self.config.idle_prefill_decode_threads
+        if alone is None or self._prefill_thread is None:
+            return
+        with self._waiting:
+            idle = self._in_prefill == 0 and not self.scheduler.waiting
+        threads = alone if idle else self.config.cpu_threads
+        if threads and threads != self._decode_threads:
+            limit_threads(threads)
+            self._decode_threads = threads
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prefills ``seqs`` packed in one forward pass in this thread; they join the batch."""
