@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -354,6 +354,10 @@ class BatchedLoRAModel:
         self.base_layers: dict[str, nn.Module] = {}  # the wrapped linears, for DoRA's weight norms
         self.virtual_tokens: dict[int, torch.Tensor] = {}  # slot -> prompt tuning's (n, hidden) embeddings
         self.prefixes: dict[int, PrefixKV] = {}  # slot -> prefix tuning's per-layer keys and values
+        # bumped whenever a slot's adapter changes, so caches of its keys and values (the engine's
+        # prefix cache) can tell a reloaded adapter from the one they saw; listeners hear of each change
+        self.slot_generations: dict[int, int] = {}
+        self.slot_listeners: list[Callable[[int], None]] = []
         self.hidden_size = (
             model.get_input_embeddings().embedding_dim if hasattr(model, "get_input_embeddings") else None
         )
@@ -377,6 +381,7 @@ class BatchedLoRAModel:
                 raised before any bank is written.
         """
         dora_scales = self.dora_scales(weights)
+        self._slot_changed(slot)
         self._install_virtual_tokens(slot, weights)
         self._install_prefix(slot, weights)
         for name, bank in self.banks.items():
@@ -437,7 +442,13 @@ class BatchedLoRAModel:
             raise AdapterInvalid(weights.name, problems)
         return scales
 
+    def _slot_changed(self, slot: int) -> None:
+        self.slot_generations[slot] = self.slot_generations.get(slot, 0) + 1
+        for listener in self.slot_listeners:
+            listener(slot)
+
     def clear(self, slot: int) -> None:
+        self._slot_changed(slot)
         self.virtual_tokens.pop(slot, None)
         self.prefixes.pop(slot, None)
         for bank in self.banks.values():

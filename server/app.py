@@ -35,6 +35,7 @@ from server.api.responses.api_router import router as responses_router
 from server.api.tokenize.api_router import router as tokenize_router
 from server.config import Settings
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
 from server.engine.structured.compiler import GrammarCompiler
 from server.engine.threads import limit_threads
@@ -62,7 +63,7 @@ def build_state(settings: Settings) -> ServingState:
     registry = AdapterRegistry(store, lora, settings.max_loaded_adapters, settings.max_adapter_rank)
     context_length = min(settings.max_model_len, base.context_length)
     engine = LLMEngine(
-        ModelRunner(base.model, lora, base.device),
+        ModelRunner(base.model, lora, base.device, prefix_cache=PrefixCache(settings.prefix_cache_bytes)),
         registry,
         base.tokenizer,
         EngineConfig(

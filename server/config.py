@@ -52,6 +52,12 @@ class Settings(SharedSettings):
         description="prefill in a second thread while decoding (auto: on for CPUs with 2+ cores, "
         "each thread then gets half the cores)",
     )
+    prefix_cache_bytes: int = Field(
+        512 << 20,
+        ge=0,
+        description="bytes of prompt keys/values kept for reuse by later prompts with the same start, "
+        "adapter and tenant (0: off)",
+    )
     max_model_len: int = Field(
         2048, ge=16, description="context window cap (prompt + completion tokens), at most the model's"
     )

@@ -51,6 +51,17 @@ class ServerMetrics:
         self.engine_rows = Gauge(
             "loraplex_engine_decode_rows", "summed batch size of the decode steps", registry=r
         )
+        self.prefix_cache_hit_tokens = Gauge(
+            "loraplex_prefix_cache_hit_tokens",
+            "prompt tokens whose keys and values came from the prefix cache",
+            registry=r,
+        )
+        self.prefix_cache_queried_tokens = Gauge(
+            "loraplex_prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_bytes = Gauge(
+            "loraplex_prefix_cache_bytes", "bytes of keys and values in the prefix cache", registry=r
+        )
         self.rag_search_seconds = Histogram(
             "loraplex_rag_search_seconds", "RAG retrieval latency", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -69,6 +80,11 @@ class ServerMetrics:
         self.engine_seconds.labels("decode").set_function(lambda: stats.decode_seconds)
         self.engine_steps.set_function(lambda: stats.steps)
         self.engine_rows.set_function(lambda: stats.decode_rows)
+        cache = getattr(getattr(state.engine, "runner", None), "prefix_cache", None)  # fake engines: none
+        if cache is not None:
+            self.prefix_cache_hit_tokens.set_function(lambda: cache.stats.hit_tokens)
+            self.prefix_cache_queried_tokens.set_function(lambda: cache.stats.looked_up_tokens)
+            self.prefix_cache_bytes.set_function(lambda: cache.num_bytes)
 
 
 class LoraRequestsInfo:

@@ -213,7 +213,9 @@ def prepare(
             seeded = (
                 params if params.seed is None else _with_seed(params, (params.seed + choice) % SEED_MODULUS)
             )
-            generations.append(GenerationRequest(f"{request_id}-{choice}", list(ids), seeded))
+            generations.append(
+                GenerationRequest(f"{request_id}-{choice}", list(ids), seeded, cache_salt=principal.name)
+            )
     return PreparedRequest(request_id, selected, selected.name or state.model_id, generations, body.n)
 
 

@@ -37,6 +37,7 @@ class Choice:
     stop_sequence: str | None = None
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     error: BaseException | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] | None = None
@@ -55,6 +56,7 @@ class Choice:
             self.stop_sequence = output.stop_sequence
             self.completion_tokens = output.completion_tokens
             self.prompt_tokens = output.prompt_tokens
+            self.cached_prompt_tokens = output.cached_prompt_tokens
             self.error = output.error
 
 
@@ -62,10 +64,13 @@ def usage(choices: list[Choice], prepared: PreparedRequest) -> dict:
     """OpenAI's ``usage``: ``n`` choices share their prompt, which is counted once."""
     prompt_tokens = sum(len(g.prompt_token_ids) for g in prepared.generations[:: prepared.n])
     completion_tokens = sum(c.completion_tokens for c in choices)
+    # of each prompt's first choice, like prompt_tokens (its other choices may hit the cache it filled)
+    cached_tokens = sum(c.cached_prompt_tokens for c in choices[:: prepared.n])
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

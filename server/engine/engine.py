@@ -357,6 +357,7 @@ class LLMEngine:
             done = self.runner.prefill_forward(
                 [(s.request.prompt_token_ids, s.request.adapter_slot) for s in seqs],
                 [s.request.sampling.prompt_logprobs for s in seqs],
+                [s.request.cache_salt for s in seqs],
             )
         except Exception as e:  # noqa: BLE001 - the engine thread fails the request at fault only
             error = e
@@ -398,10 +399,12 @@ class LLMEngine:
         for (seq, _), (_, row) in zip(live, results):
             self.scheduler.join(seq, row)
             self.stats.prompt_tokens += len(seq.request.prompt_token_ids)
+        self.stats.cached_prompt_tokens += sum(item.cached_tokens for _, item in live)
         now = time.perf_counter()
         for seq, item in live:
             seq.first_token_time = now
             seq.prompt_logprobs = item.prompt_logprobs
+            seq.cached_prompt_tokens = item.cached_tokens
         self._advance_all([(seq, logits) for (seq, _), (logits, _) in zip(live, results)])
 
     # ------------------------------------------------------------------ tokens → text
@@ -497,6 +500,8 @@ class LLMEngine:
         if seq.finished:
             return
         seq.finished = True
+        if seq.row is not None and reason in ("stop", "length"):
+            self._remember(seq)
         if seq.row is not None:
             moved_from = self.runner.remove_row(seq.row)
             self.scheduler.leave(seq, moved_from)
@@ -523,10 +528,23 @@ class LLMEngine:
                 stop_sequence=stop_sequence,
                 eos_logprob=eos_logprob,
                 prompt_tokens=len(seq.request.prompt_token_ids),
+                cached_prompt_tokens=seq.cached_prompt_tokens,
                 completion_tokens=completion_tokens if completion_tokens is not None else len(seq.output_ids),
                 error=error,
             ),
         )
+
+    def _remember(self, seq: Sequence) -> None:
+        """Offers a finished row's keys and values to the prefix cache (a failure costs reuse only)."""
+        if self.runner.prefix_cache is None:
+            return
+        request = seq.request
+        try:
+            self.runner.remember_row(
+                seq.row, request.prompt_token_ids + seq.output_ids, request.adapter_slot, request.cache_salt
+            )
+        except Exception:  # noqa: BLE001 - the answer is already complete; only the reuse is lost
+            logger.exception("keeping the prefix of request %s failed", seq.request_id)
 
     def _output(self, seq: Sequence, **fields) -> GenerationOutput:
         """An output of ``seq`` carrying the logprobs gathered since its last one."""

@@ -14,6 +14,7 @@ from server.engine.attention import use_engine_attention
 from server.engine.kv_cache import BatchKVCache
 from server.engine.llama_decode import LlamaDecodeStep, supports_fast_decode
 from server.engine.prefix_attention import PREFIX_KV_KWARG
+from server.engine.prefix_cache import CachedPrefix, PrefixCache
 from server.engine.types import TokenLogprob
 
 
@@ -24,6 +25,7 @@ class Prefilled:
     logits: torch.Tensor  # (V,)
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, T, head_dim) K and V
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1..T-1, when asked for
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class ModelRunner:
@@ -41,6 +43,7 @@ class ModelRunner:
         lora: BatchedLoRAModel,
         device: torch.device,
         fast_decode: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.model = model
         self.lora = lora
@@ -57,6 +60,9 @@ class ModelRunner:
         self.fast_decode = (
             LlamaDecodeStep(model, self.kv) if fast_decode and supports_fast_decode(model) else None
         )
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
+        if self.prefix_cache is not None:  # an adapter replaced in a slot: its blocks are stale
+            lora.slot_listeners.append(self.prefix_cache.invalidate_slot)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, int]]:
@@ -66,29 +72,48 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_forward(
-        self, prompts: list[tuple[list[int], int]], prompt_logprobs: list[int | None] | None = None
+        self,
+        prompts: list[tuple[list[int], int]],
+        prompt_logprobs: list[int | None] | None = None,
+        cache_salts: list[str | None] | None = None,
     ) -> list[Prefilled]:
         """The forward pass of :meth:`prefill` alone: touches no batch state, so it may run in another
         thread while :meth:`decode` runs.
 
-        ``prompt_logprobs[i]`` (None: not asked) is how many alternatives to report for each token of
-        prompt ``i``: the LM head then runs over that prompt's every position, for it alone.
+        Args:
+            prompts: ``(prompt token ids, adapter slot)`` pairs, packed into one forward pass.
+            prompt_logprobs: per prompt, how many alternatives to report for each of its tokens (None:
+                not asked); the LM head then runs over that prompt's every position, for it alone.
+            cache_salts: per prompt, its prefix-cache salt (its tenant), or None to bypass the cache.
         """
+        n = len(prompts)
+        asked = prompt_logprobs or [None] * n
         virtual = [self.lora.virtual_tokens.get(slot) for _, slot in prompts]  # prompt tuning, else None
-        lengths = [len(ids) + (0 if v is None else v.shape[0]) for (ids, _), v in zip(prompts, virtual)]
+        roots = [
+            self._cache_root(slot, salt, tokens)
+            for (_, slot), salt, tokens in zip(prompts, cache_salts or [None] * n, virtual)
+        ]
+        hits = [
+            self.prefix_cache.lookup(root, ids) if root is not None and wants is None else None
+            for (ids, _), root, wants in zip(prompts, roots, asked)
+        ]
+        todo = [(ids[_hit_tokens(hit) :], slot) for (ids, slot), hit in zip(prompts, hits)]
+        lengths = [len(ids) + _count(v) for (ids, _), v in zip(todo, virtual)]
         bounds = [0, *itertools.accumulate(lengths)]
         input_ids = torch.tensor(
-            [[t for ids, _ in prompts for t in ids]], dtype=torch.long, device=self.device
+            [[t for ids, _ in todo for t in ids]], dtype=torch.long, device=self.device
         )  # (1, ΣT)
         inputs = {"input_ids": input_ids}
         if any(v is not None for v in virtual):
-            inputs = {"inputs_embeds": self._with_virtual_tokens(input_ids, prompts, virtual)}
-        prefixes = [self.lora.prefixes.get(slot) for _, slot in prompts]  # prefix tuning, else None
+            inputs = {"inputs_embeds": self._with_virtual_tokens(input_ids, todo, virtual)}
+        # prefix tuning's keys and values, then the prefix cache's: what each prompt attends to first
+        tuned = [self.lora.prefixes.get(slot) for _, slot in prompts]
+        prefixes = [_joined_prefix(p, hit) for p, hit in zip(tuned, hits)]
         if any(p is not None for p in prefixes):
             inputs[PREFIX_KV_KWARG] = prefixes  # the attention's hook (server/engine/prefix_attention.py)
         firsts = [0 if p is None else p.num_virtual_tokens for p in prefixes]  # PEFT: after the prefix
         position_ids = torch.cat(
-            [torch.arange(f, f + n, device=self.device) for f, n in zip(firsts, lengths)]
+            [torch.arange(f, f + t, device=self.device) for f, t in zip(firsts, lengths)]
         )[None]  # (1, ΣT)
         cu = torch.tensor(bounds, dtype=torch.int32, device=self.device)
         ranges = [(slot, bounds[i], bounds[i + 1]) for i, (_, slot) in enumerate(prompts)]
@@ -106,19 +131,68 @@ class ModelRunner:
             ).last_hidden_state  # (1, ΣT, H)
         last = hidden[0].index_select(0, cu[1:].long() - 1)  # (n, H), contiguous
         logits = self.lm_head(last)  # (n, V)
-        asked = prompt_logprobs or [None] * len(prompts)
-        return [
-            Prefilled(
-                logits[i],
-                _row_layers(cache, start, end, prefixes[i]),
-                None
-                if asked[i] is None
-                else self._prompt_logprobs(
-                    hidden[0, start + _count(virtual[i]) : end], prompts[i][0], asked[i]
-                ),
+        done = []
+        for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            layers = _row_layers(cache, start, end, prefixes[i])
+            if roots[i] is not None:
+                self._remember(roots[i], prompts[i], layers, tuned[i], hits[i])
+            done.append(
+                Prefilled(
+                    logits[i],
+                    layers,
+                    None
+                    if asked[i] is None
+                    else self._prompt_logprobs(
+                        hidden[0, start + _count(virtual[i]) : end], prompts[i][0], asked[i]
+                    ),
+                    _hit_tokens(hits[i]),
+                )
             )
-            for i, (start, end) in enumerate(zip(bounds, bounds[1:]))
-        ]
+        return done
+
+    @torch.inference_mode()
+    def remember_row(self, row: int, tokens: list[int], slot: int, salt: str | None) -> None:
+        """Stores a finished row's whole blocks (its prompt and the tokens fed after it), so the next
+        turn of a conversation, whose prompt repeats this one and its answer, starts from them."""
+        root = self._cache_root(slot, salt, self.lora.virtual_tokens.get(slot))
+        if root is None:
+            return
+        kv = self.kv
+        columns = kv.mask[row, : kv.length].nonzero()
+        if not len(columns):
+            return
+        tuned = self.lora.prefixes.get(slot)
+        start = int(columns[0]) + (0 if tuned is None else tuned.num_virtual_tokens)
+        fed = min(kv.length - start, len(tokens))  # the last sampled token has not been fed
+        end = start + fed
+        layers = [
+            (kv.keys[i][row : row + 1, :, start:end], kv.values[i][row : row + 1, :, start:end])
+            for i in range(kv.num_layers)
+        ]  # per layer (1, KVH, fed, D)
+        assert self.prefix_cache is not None
+        self.prefix_cache.insert(root, slot, tokens[:fed], layers)
+
+    def _cache_root(self, slot: int, salt: str | None, virtual_tokens: torch.Tensor | None) -> int | None:
+        """The prefix-cache root of a prompt, or None when it bypasses the cache (no cache, no salt, or
+        a prompt-tuning adapter, whose virtual tokens are not prompt tokens)."""
+        if self.prefix_cache is None or salt is None or virtual_tokens is not None:
+            return None
+        return PrefixCache.root(slot, self.lora.slot_generations.get(slot, 0), salt)
+
+    def _remember(
+        self,
+        root: int,
+        prompt: tuple[list[int], int],
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        tuned: PrefixKV | None,
+        hit: CachedPrefix | None,
+    ) -> None:
+        """Stores a prefilled prompt's whole blocks (its own tokens' columns, after any tuned prefix)."""
+        skip = 0 if tuned is None else tuned.num_virtual_tokens
+        own = [(k[:, :, skip:], v[:, :, skip:]) for k, v in layers]
+        assert self.prefix_cache is not None
+        block = self.prefix_cache.block_tokens
+        self.prefix_cache.insert(root, prompt[1], prompt[0], own, _hit_tokens(hit) // block)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
         """Each prompt token's logprob given the tokens before it (positions 1..T-1), with ``top`` best."""
@@ -193,6 +267,22 @@ class ModelRunner:
     def reset_batch(self) -> None:
         """Drops every running row: the engine's recovery after a step failed midway."""
         self.kv.clear()
+
+
+def _hit_tokens(hit: CachedPrefix | None) -> int:
+    return 0 if hit is None else hit.num_tokens
+
+
+def _joined_prefix(tuned: PrefixKV | None, hit: CachedPrefix | None) -> PrefixKV | None:
+    """What a prompt attends to before its computed tokens: a tuned prefix, then its cached start."""
+    if hit is None:
+        return tuned
+    if tuned is None:
+        return PrefixKV(hit.keys, hit.values)
+    return PrefixKV(
+        torch.cat([tuned.keys.to(hit.keys), hit.keys], dim=2),
+        torch.cat([tuned.values.to(hit.values), hit.values], dim=2),
+    )  # (L, KVH, n + cached, D)
 
 
 def _count(virtual_tokens: torch.Tensor | None) -> int:

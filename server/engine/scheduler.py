@@ -31,6 +31,7 @@ class Sequence:
     pending_logprobs: list = field(default_factory=list)  # TokenLogprobs not yet sent
     prompt_logprobs: list | None = None  # sent with the first output, then None
     grammar: Any = None  # this row's RowGrammar when its output is constrained
+    cached_prompt_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
 
     @property
     def request_id(self) -> str:

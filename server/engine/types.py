@@ -89,6 +89,10 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     lease: AdapterLease = field(default_factory=AdapterLease.base)
+    # the prefix cache's salt: rows share cached prompt blocks only within one salt (the API sets the
+    # tenant's key name, so one tenant never sees another's prompts through a faster first token);
+    # None bypasses the cache
+    cache_salt: str | None = ""
 
     @property
     def adapter(self) -> str | None:
@@ -122,6 +126,7 @@ class GenerationOutput:
     finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
     stop_sequence: str | None = None  # the stop string that ended it ("stop" without one: EOS)
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     completion_tokens: int = 0
     error: BaseException | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last output
@@ -143,6 +148,7 @@ class EngineHealth:
 class EngineStats:
     steps: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     generated_tokens: int = 0
     finished: int = 0
     prefill_forwards: int = 0

@@ -47,6 +47,7 @@ def test_completions_echo_the_fake_and_count_usage_once_per_prompt(fake_app):
             "prompt_tokens": len(ids),
             "completion_tokens": 3 * len(ids),
             "total_tokens": 4 * len(ids),
+            "prompt_tokens_details": {"cached_tokens": 0},
         }
         engine = client.app.state.serving.engine
         assert len({g.lease for g in engine.submitted}) == 1  # one lease for the request's 3 choices
