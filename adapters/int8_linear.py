@@ -97,6 +97,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self._op = kernels.int8_linear() if activation_block is None else kernels.int8_linear_a8()
+        self._isa = kernels.int8_linear_a8_isa() or ""
         self._no_bias = torch.empty(0)
 
     @classmethod
@@ -114,7 +115,7 @@ class Int8Linear(nn.Module):
         if self._op is not None and self.activation_block is None:
             y = self._op(x2, self.weight, self.scale, bias)
         elif self._op is not None:
-            y = self._op(x2, self.weight, self.scale, bias, self.activation_block, "")
+            y = self._op(x2, self.weight, self.scale, bias, self.activation_block, self._isa)
         else:  # no compiled kernel here: the same numbers up to summation order, much slower
             y = (self.quantized_input(x2) @ self.weight.T.float()) * self.scale
             if self.bias is not None:

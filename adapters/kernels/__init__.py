@@ -99,7 +99,33 @@ def int8_linear_a8():
     return None if module is None else module.int8_linear_a8
 
 
+@cache
 def int8_linear_a8_isa() -> str | None:
-    """The instruction set the w8a8 kernel uses here: "avx512vnni", "avx2" or "portable" (None: no kernel)."""
+    """The instruction set the w8a8 kernel uses here: "avx512vnni", "avx2" or "portable" (None: no kernel).
+
+    The best the CPU has, once it has computed the same bits as the portable loop on a random problem
+    (the ISAs are specified to agree bitwise; one that does not is a bug, logged, and not used).
+    """
     module = _module()
-    return None if module is None else module.int8_linear_a8_isa()
+    if module is None:
+        return None
+    for isa in _ISA_PREFERENCE[_ISA_PREFERENCE.index(module.int8_linear_a8_isa()) :]:
+        if isa == "portable" or _agrees_with_portable(module.int8_linear_a8, isa):
+            return isa
+        logger.error("the w8a8 kernel's %s path disagrees with its portable loop; not using it", isa)
+    return "portable"
+
+
+_ISA_PREFERENCE = ("avx512vnni", "avx2", "portable")
+
+
+def _agrees_with_portable(op, isa: str) -> bool:
+    generator = torch.Generator().manual_seed(14)
+    x = torch.randn(5, 333, generator=generator)  # (M, K): a tail block, a zero block
+    x[1, 64:128] = 0
+    weight = torch.randint(-127, 128, (11, 333), dtype=torch.int8, generator=generator)  # (N, K)
+    scale, bias = torch.rand(11, generator=generator), torch.randn(11, generator=generator)
+    return all(
+        torch.equal(op(x, weight, scale, bias, block, isa), op(x, weight, scale, bias, block, "portable"))
+        for block in (32, 64, 128)
+    )

@@ -191,3 +191,18 @@ def test_w8a8_rejects_weights_it_cannot_sign_and_bad_blocks():
         Int8Linear(torch.full((2, 4), -128, dtype=torch.int8), torch.ones(2), activation_block=64)
     with pytest.raises(ValueError, match="48"):
         Int8Linear(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2), activation_block=48)
+
+
+@needs_a8_kernel
+def test_every_isa_this_cpu_has_computes_the_portable_bits():
+    """Fails (instead of the kernel quietly falling back) where an ISA path disagrees with the loop."""
+    best = kernels._module().int8_linear_a8_isa()
+    isas = ("avx512vnni", "avx2", "portable")
+    op = kernels.int8_linear_a8()
+    layer = _a8_layer(13, 515, True, seed=5)
+    x = torch.randn(9, 515, generator=torch.Generator().manual_seed(6)) * 4
+    x[3, 128:256] = 0
+    expected = op(x, layer.weight, layer.scale, layer.bias, 64, "portable")
+    for isa in isas[isas.index(best) :]:
+        assert torch.equal(op(x, layer.weight, layer.scale, layer.bias, 64, isa), expected), isa
+    assert kernels.int8_linear_a8_isa() == best
