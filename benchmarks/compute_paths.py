@@ -1,6 +1,6 @@
 """Quality and speed of the base model's compute paths, side by side in one run.
 
-    .venv/bin/python -m benchmarks.compute_paths [--paths none,w8,nf4] [--threads 1]
+    .venv/bin/python -m benchmarks.compute_paths [--paths none,w8,w8a8,nf4] [--threads 1]
 
 For each path (``--quantization`` value: ``none`` is the fp32 reference) it reports, on a fixed text
 (the bundled RAG corpus's ``peft.md``):
@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--paths", default="none,w8,nf4", help="quantizations to compare; none = fp32 first")
+    parser.add_argument(
+        "--paths", default="none,w8,w8a8,nf4", help="quantizations to compare; none = fp32 first"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (the server's decode thread on 2 cores: 1)"
     )

@@ -28,10 +28,11 @@ class Settings(SharedSettings):
         None,
         description="local HF causal-LM dir or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
     )
-    quantization: Literal["auto", "w8", "nf4", "int8", "none"] = Field(
+    quantization: Literal["auto", "w8", "w8a8", "nf4", "int8", "none"] = Field(
         "auto",
-        description="base weights: w8 (int8 weight-only, loraplex's CPU kernel, fp32 compute), nf4/int8 "
-        "(bitsandbytes), none; auto: w8 on the CPU when its kernel is built, else nf4",
+        description="base weights: w8 (int8 weight-only, loraplex's CPU kernel, fp32 compute), w8a8 (the "
+        "same weights, activations int8 per block of 64: integer dot products), nf4/int8 (bitsandbytes), "
+        "none; auto: w8a8 on the CPU when its kernel has AVX512-VNNI or AVX2, else w8 when built, else nf4",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -125,8 +126,10 @@ class Settings(SharedSettings):
 
     @model_validator(mode="after")
     def _check_quantization_dtype(self) -> Settings:
-        if self.quantization == "w8" and self.dtype not in ("auto", "float32"):
-            raise ValueError(f"--quantization w8 computes in float32; --dtype {self.dtype} does not apply")
+        if self.quantization in ("w8", "w8a8") and self.dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"--quantization {self.quantization} computes in float32; --dtype {self.dtype} does not apply"
+            )
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,14 @@ from adapters.shared_settings import KernelSettings
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("bgmv.cpp", "int8_linear.cpp", "bindings.cpp")]
+# -ffp-contract=off: no multiply-adds fused per call site, so a row computes the same whichever path
+# (one row, a tile, a tail) its batch sends it through. -fopenmp: at::parallel_for splits the int8
+# kernels' outputs over the calling thread's torch threads (the same libgomp torch loads, by soname)
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+_SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("bgmv.cpp", "int8_linear.cpp", "int8_linear_a8.cpp", "bindings.cpp")
+]
 
 
 def _cpu_signature() -> str:
@@ -33,11 +40,21 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def _sources_digest() -> str:
+    """A hash of the kernels' sources and flags: checkouts with different sources never share a build."""
+    digest = hashlib.sha1(" ".join(_CFLAGS).encode())
+    for source in _SOURCES:
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _build_dir() -> Path:
     root = KernelSettings().kernel_dir
-    # -march=native code runs only on CPUs with these features: one build per CPU and torch version
+    # -march=native code runs only on CPUs with these features: one build per CPU, torch version and
+    # version of the sources (so two checkouts, or a rebuild after an edit, never clobber each other)
     cpu = hashlib.sha1(_cpu_signature().encode()).hexdigest()[:12]
-    folder = root / f"torch{torch.__version__.replace('+', '_')}-{cpu}"
+    folder = root / f"torch{torch.__version__.replace('+', '_')}-{cpu}-src{_sources_digest()}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -53,11 +70,7 @@ def _module():
         return load(
             name="loraplex_kernels",
             sources=[str(source) for source in _SOURCES],
-            # -ffp-contract=off: no multiply-adds fused per call site, so a row computes the same
-            # whichever path (one row, a tile, a tail) its batch sends it through
-            # -fopenmp: at::parallel_for splits the int8 kernel's outputs over the calling thread's
-            # torch threads (the same libgomp torch loads, by soname)
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(_build_dir()),
             verbose=False,
@@ -77,3 +90,42 @@ def int8_linear():
     """The weight-only int8 linear op ``int8_linear(x, weight, scale, bias) -> y``, or None."""
     module = _module()
     return None if module is None else module.int8_linear
+
+
+def int8_linear_a8():
+    """The w8a8 linear op ``int8_linear_a8(x, weight, scale, bias, block, isa) -> y`` (activations
+    quantized per row in blocks of ``block``; ``isa`` "" = the best this CPU has), or None."""
+    module = _module()
+    return None if module is None else module.int8_linear_a8
+
+
+@cache
+def int8_linear_a8_isa() -> str | None:
+    """The instruction set the w8a8 kernel uses here: "avx512vnni", "avx2" or "portable" (None: no kernel).
+
+    The best the CPU has, once it has computed the same bits as the portable loop on a random problem
+    (the ISAs are specified to agree bitwise; one that does not is a bug, logged, and not used).
+    """
+    module = _module()
+    if module is None:
+        return None
+    for isa in _ISA_PREFERENCE[_ISA_PREFERENCE.index(module.int8_linear_a8_isa()) :]:
+        if isa == "portable" or _agrees_with_portable(module.int8_linear_a8, isa):
+            return isa
+        logger.error("the w8a8 kernel's %s path disagrees with its portable loop; not using it", isa)
+    return "portable"
+
+
+_ISA_PREFERENCE = ("avx512vnni", "avx2", "portable")
+
+
+def _agrees_with_portable(op, isa: str) -> bool:
+    generator = torch.Generator().manual_seed(14)
+    x = torch.randn(5, 333, generator=generator)  # (M, K): a tail block, a zero block
+    x[1, 64:128] = 0
+    weight = torch.randint(-127, 128, (11, 333), dtype=torch.int8, generator=generator)  # (N, K)
+    scale, bias = torch.rand(11, generator=generator), torch.randn(11, generator=generator)
+    return all(
+        torch.equal(op(x, weight, scale, bias, block, isa), op(x, weight, scale, bias, block, "portable"))
+        for block in (32, 64, 128)
+    )

@@ -4,8 +4,13 @@
 void bgmv_(torch::Tensor y, torch::Tensor x, torch::Tensor A, torch::Tensor Bt, torch::Tensor slots,
            torch::Tensor ranks);
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
+torch::Tensor int8_linear_a8(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias,
+                             int64_t block, const std::string& isa);
+std::string int8_linear_a8_isa();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bgmv_", &bgmv_, "per-row LoRA delta added in place");
   m.def("int8_linear", &int8_linear, "weight-only int8 linear, batch-invariant per row");
+  m.def("int8_linear_a8", &int8_linear_a8, "int8 weights x per-block int8 activations, batch-invariant per row");
+  m.def("int8_linear_a8_isa", &int8_linear_a8_isa, "the ISA int8_linear_a8 uses on this CPU");
 }

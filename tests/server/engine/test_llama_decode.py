@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapters.batched_lora import BatchedLoRAModel
-from adapters.int8_linear import quantize_model_int8
+from adapters.int8_linear import ACTIVATION_BLOCK, quantize_model_int8
 from adapters.lora import load_lora_weights
 from server.engine.llama_decode import supports_fast_decode
 from server.engine.runner import ModelRunner
@@ -24,17 +24,17 @@ def _runners(model, adapter_dir=None):
     return fast, plain
 
 
-@pytest.mark.parametrize("w8", [False, True], ids=["fp32", "w8"])
+@pytest.mark.parametrize("quantization", [None, "w8", "w8a8"])
 @torch.inference_mode()
-def test_fast_decode_equals_the_models_forward_with_mixed_adapter_rows(tmp_path, w8):
+def test_fast_decode_equals_the_models_forward_with_mixed_adapter_rows(tmp_path, quantization):
     base_dir = save_tiny_base(tmp_path / "base")
     every_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     adapter = save_random_adapter(base_dir, tmp_path / "a", target_modules=every_linear)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    if w8:
-        quantize_model_int8(model)
+    if quantization is not None:
+        quantize_model_int8(model, ACTIVATION_BLOCK if quantization == "w8a8" else None)
     fast, plain = _runners(model, adapter)
     prompts = [([1, 2, 3, 4, 5], 0), ([7, 8], 1), ([9, 10, 11], 1)]
     for runner in (fast, plain):
