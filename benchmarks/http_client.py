@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -44,7 +45,12 @@ class RequestRecord:
         return [b - a for a, b in zip(times, times[1:])]
 
 
+RequestBody = Callable[[BenchRequest], dict]
+"""Turns a benchmark request into a server's JSON body (loraplex's by default; peers bring their own)."""
+
+
 def request_body(req: BenchRequest) -> dict:
+    """loraplex's ``/v1/completions`` body: the adapter goes in the ``adapter`` field."""
     body = {
         "prompt": list(req.prompt_token_ids),
         "max_tokens": req.output_tokens,
@@ -58,12 +64,14 @@ def request_body(req: BenchRequest) -> dict:
     return body
 
 
-async def send_one(client: httpx.AsyncClient, url: str, req: BenchRequest, t0: float) -> RequestRecord:
+async def send_one(
+    client: httpx.AsyncClient, url: str, req: BenchRequest, t0: float, body: RequestBody = request_body
+) -> RequestRecord:
     """Streams one completion and records its timings."""
     record = RequestRecord(req.index, req.adapter, len(req.prompt_token_ids))
     record.sent_s = time.perf_counter() - t0
     try:
-        async with client.stream("POST", url + "/v1/completions", json=request_body(req)) as response:
+        async with client.stream("POST", url + "/v1/completions", json=body(req)) as response:
             if response.status_code != 200:
                 await response.aread()
                 record.error = f"HTTP {response.status_code}: {response.text[:200]}"
@@ -97,7 +105,9 @@ def _client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits)
 
 
-async def closed_loop(url: str, requests: list[BenchRequest], concurrency: int) -> tuple[list, float]:
+async def closed_loop(
+    url: str, requests: list[BenchRequest], concurrency: int, body: RequestBody = request_body
+) -> tuple[list, float]:
     """``concurrency`` clients each send their next request as soon as the last one finishes.
 
     Returns the records and the wall time of the whole run.
@@ -113,7 +123,7 @@ async def closed_loop(url: str, requests: list[BenchRequest], concurrency: int) 
                 req = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            records.append(await send_one(client, url, req, t0))
+            records.append(await send_one(client, url, req, t0, body))
 
     async with _client() as client:
         t0 = time.perf_counter()

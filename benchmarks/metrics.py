@@ -36,6 +36,12 @@ def summarize(records: Sequence[TimedRequest], wall_s: float) -> dict:
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     itl = [gap for r in ok for gap in r.inter_token_s()]
     e2e = [r.e2e_s for r in ok]
+    # Time per output token after the first (vLLM's TPOT): one value per request.
+    tpot = [
+        (r.e2e_s - r.ttft_s) / (r.output_tokens - 1)
+        for r in ok
+        if r.ttft_s is not None and r.output_tokens > 1
+    ]
     tokens = sum(r.output_tokens for r in ok)
 
     def ms(values: list[float], q: float) -> float | None:
@@ -54,6 +60,8 @@ def summarize(records: Sequence[TimedRequest], wall_s: float) -> dict:
         "ttft_ms_p99": ms(ttft, 99),
         "itl_ms_p50": ms(itl, 50),
         "itl_ms_p99": ms(itl, 99),
+        "tpot_ms_p50": ms(tpot, 50),
+        "tpot_ms_p99": ms(tpot, 99),
         "e2e_ms_p50": ms(e2e, 50),
         "e2e_ms_p99": ms(e2e, 99),
     }

@@ -120,3 +120,66 @@ def plot_ttft_vs_rate(path: Path, points: list[tuple[float, float | None, float 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# (result key, row label, higher is better): the peers table's metrics, one row each per workload.
+PEER_METRICS = (
+    ("output_tokens_per_s", "out tok/s", True),
+    ("ttft_ms_p50", "TTFT p50 ms", False),
+    ("ttft_ms_p99", "TTFT p99 ms", False),
+    ("tpot_ms_p50", "TPOT p50 ms", False),
+)
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    """``ours / theirs``; None where either is missing or ``theirs`` is zero."""
+    if ours is None or theirs is None or theirs == 0:
+        return None
+    return ours / theirs
+
+
+def peers_table(results: dict[str, dict[str, dict]], workloads: list[str]) -> str:
+    """``| workload | metric | llama.cpp | loraplex | ratio |`` from ``results[system][workload]``.
+
+    A workload with failed requests says how many in its label, so a fast failure never reads as speed.
+    """
+    lines = ["| workload | metric | llama.cpp | loraplex | loraplex / llama.cpp |", "|---|---|---|---|---|"]
+    for workload in workloads:
+        theirs, ours = results["llama.cpp"][workload], results["loraplex"][workload]
+        errors = theirs.get("errors", 0) + ours.get("errors", 0)
+        label = workload if not errors else f"{workload} (**{errors} failed requests**)"
+        for key, name, _ in PEER_METRICS:
+            r = ratio(ours.get(key), theirs.get(key))
+            cells = [
+                label,
+                name,
+                _fmt(theirs.get(key)),
+                _fmt(ours.get(key)),
+                "–" if r is None else f"{r:.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+            label = ""
+    return "\n".join(lines)
+
+
+def plot_peers(path: Path, results: dict[str, dict[str, dict]], workloads: list[str]) -> None:
+    """Grouped bars per workload, one bar per system: output tokens/s, TTFT p50 and TPOT p50."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in PEER_METRICS if m[0] != "ttft_ms_p99"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    width = 0.8 / len(results)
+    for ax, (key, name, higher_better) in zip(axes, panels):
+        for i, (system, per_workload) in enumerate(results.items()):
+            xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(workloads))]
+            ax.bar(xs, [per_workload[w].get(key) or 0 for w in workloads], width, label=system)
+        ax.set_xticks(range(len(workloads)))
+        ax.set_xticklabels([w.replace(", ", ",\n") for w in workloads], fontsize=7)
+        ax.set_title(f"{name} ({'higher' if higher_better else 'lower'} is better)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

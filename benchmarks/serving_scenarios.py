@@ -10,15 +10,17 @@ import time
 
 import httpx
 
-from benchmarks.http_client import RequestRecord, closed_loop, open_loop, send_one
+from benchmarks.http_client import RequestBody, RequestRecord, closed_loop, open_loop, request_body, send_one
 from benchmarks.metrics import summarize
 from benchmarks.workload import BenchRequest, poisson_arrivals
 
 logger = logging.getLogger(__name__)
 
 
-def run_closed_loop(url: str, requests: list[BenchRequest], concurrency: int) -> dict:
-    records, wall = asyncio.run(closed_loop(url, requests, concurrency))
+def run_closed_loop(
+    url: str, requests: list[BenchRequest], concurrency: int, body: RequestBody = request_body
+) -> dict:
+    records, wall = asyncio.run(closed_loop(url, requests, concurrency, body))
     return summarize(records, wall)
 
 
