@@ -77,3 +77,17 @@ def int8_linear():
     """The weight-only int8 linear op ``int8_linear(x, weight, scale, bias) -> y``, or None."""
     module = _module()
     return None if module is None else module.int8_linear
+
+
+@cache
+def triton_lora_ops():
+    """The Triton per-row LoRA kernels (:mod:`adapters.kernels.triton_lora`: ``bgmv_``, ``sgmv_``) for
+    CUDA devices, or None where Triton is not installed (the batched layers then use PyTorch)."""
+    if KernelSettings().no_kernels:
+        return None
+    try:
+        import adapters.kernels.triton_lora as module
+    except ImportError as e:
+        logger.warning("Triton LoRA kernels unavailable (%s); using the plain PyTorch paths", e)
+        return None
+    return module
