@@ -62,7 +62,7 @@ def build_state(settings: Settings) -> ServingState:
     registry = AdapterRegistry(store, lora, settings.max_loaded_adapters, settings.max_adapter_rank)
     context_length = min(settings.max_model_len, base.context_length)
     engine = LLMEngine(
-        ModelRunner(base.model, lora, base.device),
+        ModelRunner(base.model, lora, base.device, cuda_graphs=settings.cuda_graphs == "on"),
         registry,
         base.tokenizer,
         EngineConfig(
