@@ -11,6 +11,9 @@ in one of these ways:
 - *compiled kernel* (CPU, ``adapters/kernels/bgmv.cpp``, Punica's BGMV): one call per layer; every
   token reads its own adapter's A and B in place from the bank, at that adapter's rank, with fp32
   accumulation. Used for decode rows and packed prefill whenever it was built.
+- *Triton kernels* (CUDA, ``adapters/kernels/triton_lora.py``): BGMV for decode rows, SGMV for a
+  packed prefill's adapter segments; the same in-place reads and fp32 accumulation. Used on CUDA
+  devices whenever Triton is installed (unverified on hardware so far: see the README's GPU section).
 - Otherwise plain PyTorch, chosen once per forward pass from the batch's make-up:
   *single* (one adapter for all rows: two matmuls on the bank in place); *stacked* (few distinct
   adapters, ``2 × distinct ≤ rows``: their weights concatenated at their own ranks, ``h = x A_Uᵀ``
@@ -19,9 +22,13 @@ in one of these ways:
   and B gathered, two batched matmuls, flat in the number of distinct adapters).
 
 Measured on the default model's shapes, bf16, 1 CPU thread, 16 rows over 8 rank-16 adapters, 210
-linears: kernel 11 ms, stacked 54 ms, gather 65 ms, a matmul pair per adapter 161 ms. On CUDA (and
-wherever the kernel could not be built) the PyTorch modes run; the padded ranks of a bank add exact
-zeros there.
+linears: kernel 11 ms, stacked 54 ms, gather 65 ms, a matmul pair per adapter 161 ms. Wherever
+neither kernel is available the PyTorch modes run; the padded ranks of a bank add exact zeros there.
+
+A CUDA graph of the decode step (``server/engine/cuda_graphs.py``) captures a forward pass in the
+*static* mode: every step any resident adapter needs runs for every row, reading the rows' slots from
+buffers the graph owns, so one capture serves every mix of adapters until a bank's layout changes
+(:attr:`BatchedLoRAModel.layout_version`).
 """
 
 from __future__ import annotations
@@ -58,18 +65,24 @@ class LoRABatchState(threading.local):
     forward passes use the same set (a decode batch keeps its adapters for many steps).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, triton_index: bool = False) -> None:
         # id(bank) -> ((bank version, slots), A, B): kept while consecutive passes use the same adapters
         self.stacks: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # whether passes build the Triton kernels' indexes (threading.local: every thread runs __init__
+        # with the constructor's arguments, so this is the same in each)
+        self.triton_index = triton_index
         self.clear()
 
     def clear(self) -> None:
-        self.mode = "none"  # none | single | stacked | gather
+        self.mode = "none"  # none | single | stacked | gather | static (a CUDA graph's capture)
         self.unique_slots: frozenset[int] = frozenset()
         self.single_slot = 0
         self.slots: torch.Tensor | None = None  # gather: (B,) slot of each row
         self.row_slots: torch.Tensor | None = None  # (B,) on the CPU, for the compiled kernel
         self.scale_index: torch.Tensor | None = None  # (B,) per row or (N,) per token: DoRA/IA³ scales
+        self.lora_index: torch.Tensor | None = None  # Triton BGMV: (B,) slot per row, -1 for none
+        self.segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None  # Triton
+        # SGMV: a packed prefill's (G,) slots (-1 for none), first tokens, ends; its longest segment
         self.ranges: list[tuple[int, int, int]] = []  # stacked: (slot, first row, end row)
         self.rows = 0
         self.masks: dict[tuple, torch.Tensor] = {}  # stacked: per (slots, ranks) of a bank
@@ -85,6 +98,8 @@ class LoRABatchState(threading.local):
         slot_tensor = self.scale_index = torch.tensor(slots, dtype=torch.long, device=device)
         if device is None or device.type == "cpu":
             self.row_slots = slot_tensor
+        if self.triton_index:
+            self.lora_index = slot_tensor.masked_fill(slot_tensor == 0, -1)
         if len(self.unique_slots) == 1 and 0 not in slots:
             self.mode, self.single_slot = "single", slots[0]
         elif 2 * len(self.unique_slots) <= len(slots) and len(self.unique_slots) <= _MAX_STACKED:
@@ -103,11 +118,25 @@ class LoRABatchState(threading.local):
             per_token[start:end] = slot
         if device is None or device.type == "cpu":
             self.row_slots = per_token
+        if self.triton_index:
+            slots, starts, ends = zip(*ranges)
+            bounds = torch.tensor([[slot or -1 for slot in slots], starts, ends])  # (3, G), rows contiguous
+            seg_slots, seg_starts, seg_ends = bounds.to(device)
+            longest = max(end - start for _, start, end in ranges)
+            self.segments = (seg_slots, seg_starts, seg_ends, longest)
         self.scale_index = per_token.to(device)
         if len(self.unique_slots) == 1 and all(slot for slot, _, _ in ranges):
             self.mode, self.single_slot = "single", ranges[0][0]
         elif self.unique_slots:
             self._stacked(ranges, max(end for _, _, end in ranges), device, dtype)
+
+    def set_static_rows(self, slot_index: torch.Tensor, lora_index: torch.Tensor) -> None:
+        """A CUDA graph's capture: rows read their slots from these buffers (``(B,)``; ``lora_index``
+        has -1 for slot 0), which the graph's owner refills before each replay."""
+        self.clear()
+        self.mode = "static"
+        self.slots = self.scale_index = slot_index  # the gather mode's index, where Triton is missing
+        self.lora_index = lora_index
 
     def _stacked(self, ranges: list[tuple[int, int, int]], rows: int, device, dtype) -> None:
         self.mode, self.ranges, self.rows = "stacked", [r for r in ranges if r[0]], rows
@@ -167,6 +196,7 @@ class LoRABank:
         self.ranks: dict[int, int] = {}  # slot -> the rank of the adapter it holds
         self.rank_of = torch.zeros(1, dtype=torch.int32)  # the same per slot, for the compiled kernel
         self.version = 0  # bumped on every change: stacked copies of older versions are stale
+        self.storage_version = 0  # bumped when the tensors are reallocated (CUDA graphs hold pointers)
 
     @property
     def num_slots(self) -> int:
@@ -192,6 +222,19 @@ class LoRABank:
         self.out_shift = _grown(self.out_shift, new_slots, fill=0.0)
         self.lora_A, self.lora_B, self.rank_of = lora_A, lora_B, rank_of
         self.version += 1
+        self.storage_version += 1
+
+    @property
+    def layout(self) -> tuple[int, bool, bool, bool, bool]:
+        """What a CUDA graph of a forward pass through this bank depends on besides its values: its
+        tensors, and which of its steps (LoRA, input scale, output scale, shift) some slot uses."""
+        return (
+            self.storage_version,
+            bool(self.active_slots),
+            bool(self.input_scaled_slots),
+            bool(self.output_scaled_slots),
+            bool(self.shifted_slots),
+        )
 
     def write(
         self, slot: int, module: LoRAModule | IA3Module | None, dora_scale: torch.Tensor | None = None
@@ -263,25 +306,32 @@ class BatchedLoRALinear(nn.Module):
     slots that do not use it, and each step runs only when a row of the pass needs it.
     """
 
-    def __init__(self, base: nn.Module, bank: LoRABank, state: LoRABatchState, kernel=None):
+    def __init__(self, base: nn.Module, bank: LoRABank, state: LoRABatchState, kernel=None, triton_ops=None):
         super().__init__()
         self.base = base
         self.bank = bank
         self.state = state
         self.kernel = kernel  # the compiled CPU op (adapters.kernels.bgmv), or None
+        self.triton_ops = triton_ops  # CUDA: adapters.kernels.triton_lora (bgmv_, sgmv_), or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state, bank = self.state, self.bank
         unique = state.unique_slots
-        if not unique:
+        if state.mode == "static":  # a CUDA graph: every step some resident slot needs, for all rows
+            used = bool
+        elif not unique:
             return self.base(x)
-        scaled_input = not bank.input_scaled_slots.isdisjoint(unique)
-        y = self.base(self._per_slot(x, bank.in_scale) if scaled_input else x)
-        if not bank.active_slots.isdisjoint(unique):
+        else:
+
+            def used(slots: set[int]) -> bool:
+                return not slots.isdisjoint(unique)
+
+        y = self.base(self._per_slot(x, bank.in_scale) if used(bank.input_scaled_slots) else x)
+        if used(bank.active_slots):
             y = self._add_lora(x, y)
-        if not bank.output_scaled_slots.isdisjoint(unique):
+        if used(bank.output_scaled_slots):
             y = self._per_slot(y, bank.out_scale)
-            if not bank.shifted_slots.isdisjoint(unique):
+            if used(bank.shifted_slots):
                 y = self._per_slot(y, bank.out_shift, add=True)
         return y
 
@@ -309,6 +359,10 @@ class BatchedLoRALinear(nn.Module):
                 y.view(-1, y.shape[-1]), x2.contiguous(), bank.lora_A, bank.lora_B, rows, bank.rank_of
             )
             return y
+        if self.triton_ops is not None:
+            added = self._add_lora_triton(x2, y)
+            if added is not None:
+                return added
         y2 = y.reshape(-1, y.shape[-1])  # (N, out)
         if state.mode == "single":
             h = x2 @ bank.lora_A[state.single_slot].T  # (N, r)
@@ -317,7 +371,7 @@ class BatchedLoRALinear(nn.Module):
             lora_A, lora_B, mask = state.stacked(bank)  # (Σr, in), (Σr, out), (rows, 1, Σr)
             h = x2 @ lora_A.T  # (N, Σr): every token on every adapter of this pass
             h.view(mask.shape[0], -1, h.shape[1]).mul_(mask)  # keep each row's own block
-        else:  # gather
+        else:  # gather (and a CUDA graph's static mode without Triton)
             x3 = x2.view(len(state.slots), -1, x2.shape[-1])  # (B, T, in)
             lora_A = bank.lora_A.index_select(0, state.slots)  # (B, r, in)
             lora_B = bank.lora_B.index_select(0, state.slots)  # (B, r, out)
@@ -327,6 +381,21 @@ class BatchedLoRALinear(nn.Module):
             return torch.addmm(y2, h, lora_B).view(y.shape)
         return y + (h @ lora_B).to(y.dtype).view(y.shape)
 
+    def _add_lora_triton(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """``y`` plus the deltas by Triton: SGMV over a packed prefill's segments, BGMV over one-token
+        rows; None for any other pass (rows of several tokens: the PyTorch modes take it)."""
+        state, bank, ops = self.state, self.bank, self.triton_ops
+        y = y.contiguous()
+        y2 = y.view(-1, y.shape[-1])  # (N, out), added to in place
+        if state.segments is not None:
+            slots, starts, ends, longest = state.segments
+            ops.sgmv_(y2, x2, bank.lora_A, bank.lora_B, slots, starts, ends, longest)
+            return y
+        if state.lora_index is not None and state.lora_index.shape[0] == x2.shape[0]:
+            ops.bgmv_(y2, x2, bank.lora_A, bank.lora_B, state.lora_index)
+            return y
+        return None
+
 
 class BatchedLoRAModel:
     """Installs :class:`BatchedLoRALinear` into every linear layer of a model and owns the banks.
@@ -334,17 +403,24 @@ class BatchedLoRAModel:
     Args:
         model: a causal LM (its ``lm_head`` is left alone).
         dtype: dtype of the adapter banks (the model's compute dtype).
-        use_kernel: decode rows through the compiled CPU kernel when it is available (on the CPU).
+        use_kernel: decode rows through the compiled CPU kernel when it is available (on the CPU), and
+            decode rows and prefills through the Triton kernels when Triton is installed (on CUDA).
+        triton_ops: the Triton kernels' module to use on any device (tests pass
+            :mod:`adapters.kernels.triton_lora` on the CPU, under Triton's interpreter).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, use_kernel: bool = True):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, use_kernel: bool = True, triton_ops=None):
         self.model = model
         self.dtype = dtype
-        self.state = LoRABatchState()
         self.banks: dict[str, LoRABank] = {}
         self.linear_shapes: dict[str, tuple[int, int]] = {}
         device = self.device = next(model.parameters()).device
         self.kernel = kernels.bgmv() if use_kernel and device.type == "cpu" else None
+        if triton_ops is None and use_kernel and device.type == "cuda":
+            triton_ops = kernels.triton_lora_ops()
+        self.triton_ops = triton_ops
+        self.state = LoRABatchState(triton_index=triton_ops is not None)
+        self.layout_version = 0  # changes whenever a bank's layout does (CUDA graphs are captured per one)
         targets = [
             (name, module)
             for name, module in model.named_modules()
@@ -368,10 +444,11 @@ class BatchedLoRAModel:
             bank = LoRABank(module.in_features, module.out_features, dtype, device, module.bias)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, BatchedLoRALinear(module, bank, self.state, self.kernel))
+            setattr(parent, child, BatchedLoRALinear(module, bank, self.state, self.kernel, self.triton_ops))
             self.banks[name] = bank
             self.base_layers[name] = module
             self.linear_shapes[name] = (module.in_features, module.out_features)
+        self._layout = tuple(bank.layout for bank in self.banks.values())
 
     def install(self, slot: int, weights: LoRAWeights) -> None:
         """Writes an adapter into ``slot`` of every bank (modules it does not target get zeros).
@@ -384,13 +461,23 @@ class BatchedLoRAModel:
         self._slot_changed(slot)
         self._install_virtual_tokens(slot, weights)
         self._install_prefix(slot, weights)
-        for name, bank in self.banks.items():
-            module = weights.modules.get(name)
-            if module is not None:
-                bank.reserve(slot + 1, module.rank)
-            elif slot >= bank.num_slots:
-                continue  # nothing to clear, and index_select never reaches an absent slot of this bank
-            bank.write(slot, module, dora_scales.get(name))
+        try:
+            for name, bank in self.banks.items():
+                module = weights.modules.get(name)
+                if module is not None:
+                    bank.reserve(slot + 1, module.rank)
+                elif slot >= bank.num_slots:
+                    continue  # nothing to clear, and index_select never reaches an absent slot here
+                bank.write(slot, module, dora_scales.get(name))
+        finally:
+            self._refresh_layout()
+
+    def _refresh_layout(self) -> None:
+        """Bumps :attr:`layout_version` if some bank's :attr:`LoRABank.layout` changed."""
+        layout = tuple(bank.layout for bank in self.banks.values())
+        if layout != self._layout:
+            self._layout = layout
+            self.layout_version += 1
 
     def _install_virtual_tokens(self, slot: int, weights: LoRAWeights) -> None:
         """Prompt tuning: the embeddings the runner prepends to this slot's prompts at prefill."""
@@ -454,16 +541,28 @@ class BatchedLoRAModel:
         for bank in self.banks.values():
             if slot < bank.num_slots:
                 bank.write(slot, None)
+        self._refresh_layout()
 
     def reserve_slots(self, num_slots: int) -> None:
         """Makes every bank hold ``num_slots`` slots so any slot index is valid in ``index_select``."""
         for bank in self.banks.values():
             bank.reserve(num_slots, bank.rank)
+        self._refresh_layout()
 
     @contextlib.contextmanager
     def token_ranges(self, ranges: list[tuple[int, int, int]]) -> Iterator[None]:
         """Runs the enclosed forward pass of one packed row: tokens ``start:end`` use adapter ``slot``."""
         self.state.set_token_ranges(ranges, self.device, self.dtype)
+        try:
+            yield
+        finally:
+            self.state.clear()
+
+    @contextlib.contextmanager
+    def static_rows(self, slot_index: torch.Tensor, lora_index: torch.Tensor) -> Iterator[None]:
+        """Runs the enclosed forward pass (a CUDA graph's capture) in the static mode: rows' slots are
+        read from ``slot_index`` and ``lora_index`` (``(B,)``, the latter -1 for slot 0)."""
+        self.state.set_static_rows(slot_index, lora_index)
         try:
             yield
         finally:

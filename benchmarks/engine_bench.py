@@ -82,6 +82,18 @@ def run_closed_loop(state, requests, concurrency: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result, dtype = run(args)
+    print(
+        f"engine_bench adapters={args.adapters} quantization={args.quantization} dtype={dtype} "
+        f"threads={args.threads}: {result}"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -97,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-prefills-per-step", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top operators")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser.add_argument("--device", default=None, help="the server's --device (default: cuda if available)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> tuple[dict, torch.dtype]:
+    """Writes the adapters, serves the workload through an in-process engine; returns its figures
+    and the compute dtype."""
     model_dir = resolve_base_model(None)
     data_dir = Path(tempfile.mkdtemp(prefix="loraplex-engine-bench-"))
     try:
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             torch_threads=args.threads,
             prefill_worker=args.prefill_worker,
             max_loaded_adapters=max(args.adapters, 1),
+            device=args.device,
         )
         if args.max_prefills_per_step:
             settings_kwargs["max_prefills_per_step"] = args.max_prefills_per_step
@@ -140,11 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                 result = run_closed_loop(state, requests, args.concurrency)
         finally:
             state.engine.stop()
-        dtype = state.engine.runner.lora.dtype
-        print(
-            f"engine_bench adapters={args.adapters} quantization={args.quantization} dtype={dtype} "
-            f"threads={args.threads}: {result}"
-        )
+        return result, state.engine.runner.lora.dtype
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 

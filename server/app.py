@@ -63,7 +63,13 @@ def build_state(settings: Settings) -> ServingState:
     registry = AdapterRegistry(store, lora, settings.max_loaded_adapters, settings.max_adapter_rank)
     context_length = min(settings.max_model_len, base.context_length)
     engine = LLMEngine(
-        ModelRunner(base.model, lora, base.device, prefix_cache=PrefixCache(settings.prefix_cache_bytes)),
+        ModelRunner(
+            base.model,
+            lora,
+            base.device,
+            cuda_graphs=settings.cuda_graphs == "on",
+            prefix_cache=PrefixCache(settings.prefix_cache_bytes),
+        ),
         registry,
         base.tokenizer,
         EngineConfig(

@@ -39,6 +39,11 @@ class Settings(SharedSettings):
         description="compute dtype (auto: bfloat16 on GPUs and on CPUs with native bf16, else float32)",
     )
     device: str | None = Field(None, description="torch device (default: cuda when available, else cpu)")
+    cuda_graphs: Literal["on", "off"] = Field(
+        "on",
+        description="replay the decode step from a CUDA graph per batch-size bucket (CUDA devices only; "
+        "no effect on the CPU)",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors only in Triton's interpreter, chosen when a kernel is defined:
+    # set before anything imports adapters/kernels/triton_lora.py (tests/adapters/test_triton_lora.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.tiny_models import (
     save_random_adapter,
@@ -107,3 +114,13 @@ def peft_type_store_dir(tmp_path, tiny_adapter_sources, peft_type_sources) -> Pa
     for name, src in {**tiny_adapter_sources, **peft_type_sources}.items():
         shutil.copytree(src, store / name)
     return store
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` need a CUDA device (``make gpu-check`` runs them); skipped without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run by `make gpu-check` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -129,3 +129,17 @@ def _agrees_with_portable(op, isa: str) -> bool:
         torch.equal(op(x, weight, scale, bias, block, isa), op(x, weight, scale, bias, block, "portable"))
         for block in (32, 64, 128)
     )
+
+
+@cache
+def triton_lora_ops():
+    """The Triton per-row LoRA kernels (:mod:`adapters.kernels.triton_lora`: ``bgmv_``, ``sgmv_``) for
+    CUDA devices, or None where Triton is not installed (the batched layers then use PyTorch)."""
+    if KernelSettings().no_kernels:
+        return None
+    try:
+        import adapters.kernels.triton_lora as module
+    except ImportError as e:
+        logger.warning("Triton LoRA kernels unavailable (%s); using the plain PyTorch paths", e)
+        return None
+    return module

@@ -12,6 +12,8 @@ decode through transformers as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -74,9 +76,19 @@ class LlamaDecodeStep:
         self.lm_head = model.get_output_embeddings()
 
     def __call__(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        write: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, V)`` for ``input_ids`` ``(B, 1)``, mask ``(B, 1, 1, S)``; writes the step's K/V."""
+        """Logits ``(B, V)`` for ``input_ids`` ``(B, 1)``, mask ``(B, 1, 1, S)``; writes the step's K/V.
+
+        ``write(layer, k, v)`` stores a layer's new ``(B, nkv, 1, D)`` keys and values and returns the
+        ``(B, nkv, S, D)`` keys and values to attend to: the batch cache's own by default, the
+        fixed-shape buffers of a CUDA graph's step (``server/engine/cuda_graphs.py``) otherwise.
+        """
+        write = write or self.kv.write
         batch = input_ids.shape[0]
         x = self.embed(input_ids)[:, 0]  # (B, H)
         cos, sin = self.decoder.rotary_emb(x[:, None], position_ids)  # (B, 1, D) each
@@ -87,7 +99,7 @@ class LlamaDecodeStep:
             q = _rope(attention.q_proj(h).view(batch, self.heads, self.head_dim), cos, sin)  # (B, nh, D)
             k = _rope(attention.k_proj(h).view(batch, self.kv_heads, self.head_dim), cos, sin)  # (B, nkv, D)
             v = attention.v_proj(h).view(batch, self.kv_heads, self.head_dim)
-            keys, values = self.kv.write(index, k[:, :, None], v[:, :, None])  # (B, nkv, S, D)
+            keys, values = write(index, k[:, :, None], v[:, :, None])  # (B, nkv, S, D)
             out = decode_attention(q[:, :, None], keys, values, mask, self.scaling)  # (B, 1, nh, D)
             x = x + attention.o_proj(out.reshape(batch, self.heads * self.head_dim))
             h = _rms_norm(x, layer.post_attention_layernorm)

@@ -34,7 +34,9 @@ class ModelRunner:
     Prefill packs the new prompts end to end into one sequence (one matrix per linear layer for all of
     their tokens; each prompt attends to itself only and uses its own adapter for its token range), so
     a prompt's prefill does not depend on what else is prefilled with it. Decode runs one token for
-    every running row together, each row with its own adapter, in a single forward pass.
+    every running row together, each row with its own adapter, in a single forward pass; on a CUDA
+    device with ``cuda_graphs``, a Llama-family decode step replays from a CUDA graph per batch-size
+    bucket (``server/engine/cuda_graphs.py``).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class ModelRunner:
         device: torch.device,
         fast_decode: bool = True,
         prefix_cache: PrefixCache | None = None,
+        cuda_graphs: bool = False,
     ):
         self.model = model
         self.lora = lora
@@ -63,6 +66,11 @@ class ModelRunner:
         self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         if self.prefix_cache is not None:  # an adapter replaced in a slot: its blocks are stale
             lora.slot_listeners.append(self.prefix_cache.invalidate_slot)
+        self.cuda_graphs = None
+        if cuda_graphs and device.type == "cuda" and self.fast_decode is not None:
+            from server.engine.cuda_graphs import CudaGraphDecoder
+
+            self.cuda_graphs = CudaGraphDecoder(self.fast_decode, lora, self.kv)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, int]]:
@@ -245,6 +253,10 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, last_token_ids: list[int], slots: list[int]) -> torch.Tensor:
         """One decode step for all running rows (row ``i`` feeds ``last_token_ids[i]``); logits ``(B, V)``."""
+        if self.cuda_graphs is not None:
+            logits = self.cuda_graphs.decode(last_token_ids, slots)
+            if logits is not None:
+                return logits
         input_ids = torch.tensor(last_token_ids, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         attention, position_ids = self.kv.begin_step()
         with self.lora.rows(slots):
