@@ -23,11 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from adapters.base_model import file_sha256
 from benchmarks.http_client import request_body
-from benchmarks.server_process import free_port
+from benchmarks.server_process import free_port, stop_process, wait_until_ready
 from benchmarks.workload import BenchRequest
 
 logger = logging.getLogger(__name__)
@@ -135,26 +133,15 @@ class LlamaServerProcess:
         started = time.perf_counter()
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.startup_seconds = time.perf_counter() - started
-                    logger.info("llama-server ready on %s in %.1f s", self.url, self.startup_seconds)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"llama-server not ready after {self.ready_timeout_s:.0f} s; see {self.log_path}")
+        self.startup_seconds = wait_until_ready(
+            self.proc,
+            self.url + "/health",
+            self.ready_timeout_s,
+            started,
+            f"llama-server (log: {self.log_path})",
+        )
+        logger.info("llama-server ready on %s in %.1f s", self.url, self.startup_seconds)
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)

@@ -21,6 +21,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(
+    proc: subprocess.Popen, health_url: str, timeout_s: float, started: float, what: str
+) -> float:
+    """Polls ``health_url`` until it answers 200; returns seconds since ``started``. A process that
+    exits, or is not ready in ``timeout_s``, is stopped and raises ``RuntimeError`` naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_process(proc)
+    raise RuntimeError(f"{what} not ready after {timeout_s:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """Terminates ``proc`` (killing it after 30 s), if it still runs."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 class ServerProcess:
     """Starts ``loraplex serve`` with the given flags and waits until ``GET /ready`` answers 200.
 
@@ -47,29 +77,14 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         started = time.perf_counter()
         self.proc = subprocess.Popen(self.args, cwd=root, env=env, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {' '.join(self.args)}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    self.startup_seconds = time.perf_counter() - started
-                    logger.info("server ready on %s in %.1f s", self.url, self.startup_seconds)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"server not ready after {self.ready_timeout_s:.0f} s")
+        self.startup_seconds = wait_until_ready(
+            self.proc, self.url + "/ready", self.ready_timeout_s, started, " ".join(self.args)
+        )
+        logger.info("server ready on %s in %.1f s", self.url, self.startup_seconds)
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
     def peak_rss_mb(self) -> float:
         """The server's high-water resident set (VmHWM), in MiB; 0 where /proc is unavailable."""
