@@ -5,12 +5,21 @@ All rows share one column cursor ``length``: a decode step writes every row's ne
 ``length``. A sequence that joins is right-aligned to the cursor (its prompt occupies the columns just
 before it) and the columns to its left are masked out; a sequence that leaves is replaced by the last
 row (one row copy), so joins and leaves never copy the whole cache. Buffers grow by doubling.
+
+Rows reserved up front (:meth:`BatchKVCache.reserve_rows`) are kept only while they are cheap: when a
+long prompt makes the columns grow, the row capacity drops to what the batch needs (rounded up to a
+power of two) once the reserve would cost more than ``reserve_rows × RESERVE_COLUMNS`` cells. Without
+that, one 2000-token prompt joining a 32-row reserve allocated (and zeroed) ~3 GB in fp32 in the
+engine thread and stalled every running stream for seconds.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+
+RESERVE_COLUMNS = 256  # the columns up to which reserved rows keep their room
 
 
 class BatchKVCache:
@@ -35,6 +44,7 @@ class BatchKVCache:
         self.values: list[torch.Tensor] = []
         self.mask = torch.zeros(0, 0, dtype=torch.bool, device=device)  # (rows_cap, cols_cap)
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # (rows_cap,) next position per row
+        self._reserved_cells = 0  # rows × columns the reserve may keep
         self._allocate(rows=4, cols=64)
 
     # ------------------------------------------------------------------ capacity
@@ -68,17 +78,21 @@ class BatchKVCache:
 
     def reserve_rows(self, rows: int) -> None:
         """Allocates room for ``rows`` sequences up front, so the batch never regrows (and copies the
-        whole cache) while requests wait for their first token."""
+        whole cache) while requests wait for their first token; kept up to :data:`RESERVE_COLUMNS`."""
+        self._reserved_cells = rows * max(self.cols_capacity, RESERVE_COLUMNS)
         self._ensure(rows, self.cols_capacity)
 
     def _ensure(self, rows: int, cols: int) -> None:
         if rows > self.rows_capacity or cols > self.cols_capacity:
-            new_rows = self.rows_capacity
-            while new_rows < rows:
-                new_rows *= 2
             new_cols = self.cols_capacity
             while new_cols < cols:
                 new_cols *= 2
+            needed = 4
+            while needed < max(rows, self.num_rows):
+                needed *= 2
+            # the current rows (the reserve among them) while they fit the reserve's cells, else the need
+            keep = self.rows_capacity if self.rows_capacity * new_cols <= self._reserved_cells else 0
+            new_rows = max(needed, keep)
             self._allocate(new_rows, new_cols)
 
     # ------------------------------------------------------------------ rows
