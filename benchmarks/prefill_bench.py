@@ -172,13 +172,14 @@ async def long_prompt_arrives(url: str, long_tokens: int, seed: int) -> dict:
         await asyncio.sleep(0.5)
         done.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-    idle, busy = [], []
+    idle, busy, where = [], [], []
     for times in stamps:
         for a, b in zip(times, times[1:]):
             if idle_from <= a and b <= sent:
                 idle.append(b - a)
             elif a < answered and b > sent:
                 busy.append(b - a)
+                where.append((b - a, a - sent))
     q = statistics.quantiles
     return {
         "long_prompt_tokens": long_tokens,
@@ -188,6 +189,8 @@ async def long_prompt_arrives(url: str, long_tokens: int, seed: int) -> dict:
         "busy_tpot_p50_ms": statistics.median(busy) * 1e3,
         "busy_tpot_p99_ms": q(busy, n=100)[98] * 1e3 if len(busy) > 1 else busy[0] * 1e3,
         "busy_gaps": len(busy),
+        # the longest gaps during the prefill: (gap ms, its start in s after the prompt was sent)
+        "worst_gaps": [(round(g * 1e3), round(t, 2)) for g, t in sorted(where, reverse=True)[:8]],
     }
 
 
@@ -227,17 +230,28 @@ def run(args: argparse.Namespace) -> str:
     for name, a, b in rows:
         lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} |")
     long = on["long"]
-    lines += [
-        "",
+    lines += ["", _long_line(long)]
+    return "\n".join(lines)
+
+
+def run_long(args: argparse.Namespace) -> str:
+    flags = dict(flag.split("=", 1) for flag in args.server_flag)
+    with tempfile.TemporaryDirectory() as data, ServerProcess(Path(data), flags) as server:
+        long = asyncio.run(long_prompt_arrives(server.url, args.long_prompt_tokens, args.seed))
+    print(long, flush=True)  # noqa: T201
+    return f"# A long prompt arriving ({cpu_name()}, default model, flags {flags})\n\n" + _long_line(long)
+
+
+def _long_line(long: dict) -> str:
+    return (
         f"A {long['long_prompt_tokens']}-token prompt arriving while 4 streams decode "
         f"(prefilled in {long['prefill_s']:.2f} s): running streams' TPOT p50/p99 "
         f"{long['busy_tpot_p50_ms']:.1f}/{long['busy_tpot_p99_ms']:.1f} ms during its prefill "
         f"({long['busy_gaps']} gaps) against "
         f"{long['idle_tpot_p50_ms']:.1f}/{long['idle_tpot_p99_ms']:.1f} ms "
         f"before it: p99 ratio {long['busy_tpot_p99_ms'] / long['idle_tpot_p99_ms']:.2f}, "
-        f"p99 ÷ idle p50 {long['busy_tpot_p99_ms'] / long['idle_tpot_p50_ms']:.2f}.",
-    ]
-    return "\n".join(lines) + "\n"
+        f"p99 ÷ idle p50 {long['busy_tpot_p99_ms'] / long['idle_tpot_p50_ms']:.2f}.\n"
+    )
 
 
 def _fmt(value) -> str:
@@ -249,10 +263,15 @@ def main() -> None:
     parser.add_argument("--context-tokens", type=int, default=1024)
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)  # + 1 fits 2048
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--long-only", action="store_true", help="only the long prompt arriving (one server, cache on)"
+    )
+    parser.add_argument("--server-flag", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
-    report = run(args)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(report)
+    report = run_long(args) if args.long_only else run(args)
+    out = OUT.with_name("prefill_long.md") if args.long_only else OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
     print(report)
 
 
