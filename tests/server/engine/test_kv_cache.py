@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.engine import kv_cache
 from server.engine.kv_cache import RESERVE_COLUMNS, BatchKVCache
+
+
+def _nan_buffers(shape, dtype, device):
+    """Fresh buffers full of NaN: whatever the cache leaves unwritten shows up in what a row reads."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
 
 LAYERS, HEADS, DIM = 2, 2, 3
 
@@ -14,14 +23,20 @@ LAYERS, HEADS, DIM = 2, 2, 3
 def _kv(t: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(1, HEADS, t, DIM, generator=generator), torch.randn(1, HEADS, t, DIM, generator=generator))
+        (
+            torch.randn(1, HEADS, t, DIM, generator=generator),
+            torch.randn(1, HEADS, t, DIM, generator=generator),
+        )
         for _ in range(LAYERS)
     ]
 
 
 def _row_contents(kv: BatchKVCache, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     columns = kv.mask[row, : kv.length]
-    return [(kv.keys[i][row, :, : kv.length][:, columns], kv.values[i][row, :, : kv.length][:, columns]) for i in range(LAYERS)]
+    return [
+        (kv.keys[i][row, :, : kv.length][:, columns], kv.values[i][row, :, : kv.length][:, columns])
+        for i in range(LAYERS)
+    ]
 
 
 operations = st.lists(
@@ -39,15 +54,19 @@ operations = st.lists(
 def test_rows_keep_their_keys_and_values_through_any_sequence_of_operations(ops, reserve):
     """Joins (short and long), swap-removes and decode steps in any order: every live row's unmasked
     columns are exactly its prompt's K/V then one column per step, its position counts them, and
-    the buffers never hold more rows than the batch needs once the reserve stops being cheap."""
+    the buffers never hold more rows than the batch needs once the reserve stops being cheap. Fresh
+    buffers are NaN here: every column a decode step reads (masked ones too) must have been written."""
+    with mock.patch.object(kv_cache, "_uninitialized", _nan_buffers):
+        _run_operations(ops, reserve)
+
+
+def _run_operations(ops, reserve) -> None:
     kv = BatchKVCache(LAYERS, HEADS, DIM, torch.float32, torch.device("cpu"))
     if reserve:
         kv.reserve_rows(reserve)
     rows: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = []  # row → per step, per layer (K, V)
-    seed = 0
     most_rows = 0
-    for op, arg in ops:
-        seed += 1
+    for seed, (op, arg) in enumerate(ops, start=1):
         if op == "add":
             layers = _kv(arg, seed)
             row = kv.add_row(layers)
@@ -75,12 +94,18 @@ def test_rows_keep_their_keys_and_values_through_any_sequence_of_operations(ops,
         most_rows = max(most_rows, len(rows))
         for row, history in enumerate(rows):
             want = [
-                (torch.cat([h[i][0] for h in history], dim=2)[0], torch.cat([h[i][1] for h in history], dim=2)[0])
+                (
+                    torch.cat([h[i][0] for h in history], dim=2)[0],
+                    torch.cat([h[i][1] for h in history], dim=2)[0],
+                )
                 for i in range(LAYERS)
             ]
             for (k, v), (wk, wv) in zip(_row_contents(kv, row), want):
                 assert torch.equal(k, wk) and torch.equal(v, wv)
             assert int(kv.positions[row]) == sum(h[0][0].shape[2] for h in history)
+        for i in range(LAYERS):  # what decode attention reads: every live row, every column below the cursor
+            assert torch.isfinite(kv.keys[i][: len(rows), :, : kv.length]).all()
+            assert torch.isfinite(kv.values[i][: len(rows), :, : kv.length]).all()
         if kv.cols_capacity > RESERVE_COLUMNS:
             bound = 4
             while bound < most_rows:
