@@ -78,6 +78,7 @@ def build_state(settings: Settings) -> ServingState:
             context_length,
             prefill_worker,
             threads if device.type == "cpu" else None,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens or None,
             idle_prefill_decode_threads=(
                 cores if device.type == "cpu" and prefill_worker and not settings.torch_threads else None
             ),

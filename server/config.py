@@ -53,6 +53,13 @@ class Settings(SharedSettings):
     max_adapter_rank: int = Field(64, ge=1, le=1024, description="largest LoRA rank accepted")
     max_batch_size: int = Field(64, ge=1, le=1024, description="sequences decoded together per step")
     max_prefills_per_step: int = Field(4, ge=1, le=256, description="new sequences prefilled per step")
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        le=1_000_000,
+        description="chunked prefill: the most prompt tokens one prefill pass computes; a longer prompt "
+        "takes several passes, with decode steps and other prompts between them (0: whole prompts)",
+    )
     prefill_worker: Literal["auto", "on", "off"] = Field(
         "auto",
         description="prefill in a second thread while decoding (auto: on for CPUs with 2+ cores, "

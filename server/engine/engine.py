@@ -54,6 +54,10 @@ class EngineConfig:
     # the decode step's threads while the prefill worker has nothing to do (None: always cpu_threads);
     # a lone user's decode then uses every core instead of the half kept for prefills
     idle_prefill_decode_threads: int | None = None
+    # chunked prefill: the most prompt tokens one prefill pass computes (None: no limit); a longer
+    # prompt is prefilled over several passes, so no single pass holds the CPU (or, without the
+    # worker, a decode step) for the whole prompt
+    prefill_chunk_tokens: int | None = None
 
 
 class LLMEngine:
@@ -261,15 +265,18 @@ class LLMEngine:
                     self._waiting.wait(0.02)  # rows free up without a notification: poll
                 if self._stop.is_set():
                     return
-                seqs = self.scheduler.next_prefills(room)
+                seqs = self.scheduler.next_prefills(room, self.config.prefill_chunk_tokens)
                 self._in_prefill += len(seqs)
             try:
                 with self.registry.lock.shared():
-                    result = self._prefill_forward(seqs)
+                    done, error, seconds = self._prefill_forward(seqs)
             except BaseException as e:  # the worker cannot go on: the engine thread fails everyone
                 self._inbox.put(("fatal", e))
                 raise
-            self._inbox.put(("prefilled", (seqs, *result)))
+            if done is not None:  # prompts with chunks to go wait for their next pass right here
+                seqs, done = self._requeue_partials(seqs, done)
+            if seqs:
+                self._inbox.put(("prefilled", (seqs, done, error, seconds)))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -312,7 +319,9 @@ class LLMEngine:
         for seqs, done, error, seconds in prefilled:
             self._prefill_returned(seqs, done, error, seconds)
         if self._prefill_thread is None:
-            prefills = self.scheduler.next_prefills(self.scheduler.max_running - len(self.scheduler.running))
+            prefills = self.scheduler.next_prefills(
+                self.scheduler.max_running - len(self.scheduler.running), self.config.prefill_chunk_tokens
+            )
             if prefills:
                 self._in_hand = prefills
                 self._prefill(prefills)
@@ -358,6 +367,7 @@ class LLMEngine:
                 [(s.request.prompt_token_ids, s.request.adapter_slot) for s in seqs],
                 [s.request.sampling.prompt_logprobs for s in seqs],
                 [s.request.cache_salt for s in seqs],
+                [(s.partial, s.chunk_limit) for s in seqs],
             )
         except Exception as e:  # noqa: BLE001 - the engine thread fails the request at fault only
             error = e
@@ -381,6 +391,7 @@ class LLMEngine:
         assert done is not None
         self.stats.prefill_forwards += 1
         self.stats.prefill_seconds += seconds
+        seqs, done = self._requeue_partials(seqs, done)  # (without the worker: chunks to go wait here)
         live = []
         for seq, item in zip(seqs, done):
             if seq.cancelled and not seq.finished:
@@ -406,6 +417,26 @@ class LLMEngine:
             seq.prompt_logprobs = item.prompt_logprobs
             seq.cached_prompt_tokens = item.cached_tokens
         self._advance_all([(seq, logits) for (seq, _), (logits, _) in zip(live, results)])
+
+    def _requeue_partials(
+        self, seqs: list[Sequence], done: list[Prefilled]
+    ) -> tuple[list[Sequence], list[Prefilled]]:
+        """Chunked prefill: a prompt with tokens left keeps its result and goes back to the end of the
+        queue for its next chunk (cancelled ones go on, to be finished); returns the others."""
+        finished, requeued = [], []
+        for seq, item in zip(seqs, done):
+            if item.prompt_tokens < len(seq.request.prompt_token_ids) and not seq.cancelled:
+                seq.partial = item
+                requeued.append(seq)
+            else:
+                finished.append((seq, item))
+        if requeued:
+            with self._waiting:
+                self.scheduler.waiting.extend(requeued)
+                if self._prefill_thread is not None and threading.current_thread() is self._prefill_thread:
+                    self._in_prefill -= len(requeued)
+                self._waiting.notify()
+        return [s for s, _ in finished], [d for _, d in finished]
 
     # ------------------------------------------------------------------ tokens → text
     def _advance_all(self, rows: list[tuple[Sequence, torch.Tensor]]) -> None:
@@ -500,6 +531,7 @@ class LLMEngine:
         if seq.finished:
             return
         seq.finished = True
+        seq.partial = None  # an unfinished chunked prefill's keys and values
         if seq.row is not None and reason in ("stop", "length"):
             self._remember(seq)
         if seq.row is not None:

@@ -26,6 +26,9 @@ class Prefilled:
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, kv_heads, T, head_dim) K and V
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1..T-1, when asked for
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # prompt tokens ``layers`` covers: the whole prompt, or fewer after a chunk of a chunked prefill
+    # (then ``layers`` is where the next chunk starts and ``logits`` are not the prompt's last)
+    prompt_tokens: int = 0
 
 
 class ModelRunner:
@@ -84,6 +87,7 @@ class ModelRunner:
         prompts: list[tuple[list[int], int]],
         prompt_logprobs: list[int | None] | None = None,
         cache_salts: list[str | None] | None = None,
+        chunks: list[tuple[Prefilled | None, int | None]] | None = None,
     ) -> list[Prefilled]:
         """The forward pass of :meth:`prefill` alone: touches no batch state, so it may run in another
         thread while :meth:`decode` runs.
@@ -93,19 +97,39 @@ class ModelRunner:
             prompt_logprobs: per prompt, how many alternatives to report for each of its tokens (None:
                 not asked); the LM head then runs over that prompt's every position, for it alone.
             cache_salts: per prompt, its prefix-cache salt (its tenant), or None to bypass the cache.
+            chunks: chunked prefill, per prompt ``(earlier, limit)``: ``earlier`` is the result of its
+                earlier chunks (None: this is its first; a prefix-cache hit then starts it), ``limit``
+                the most tokens to compute now (None: the rest). A result whose ``prompt_tokens`` is
+                short of the prompt is the next chunk's ``earlier``. Not for prompt logprobs.
         """
         n = len(prompts)
         asked = prompt_logprobs or [None] * n
+        chunks = chunks or [(None, None)] * n
         virtual = [self.lora.virtual_tokens.get(slot) for _, slot in prompts]  # prompt tuning, else None
         roots = [
             self._cache_root(slot, salt, tokens)
             for (_, slot), salt, tokens in zip(prompts, cache_salts or [None] * n, virtual)
         ]
         hits = [
-            self.prefix_cache.lookup(root, ids) if root is not None and wants is None else None
-            for (ids, _), root, wants in zip(prompts, roots, asked)
+            self.prefix_cache.lookup(root, ids)
+            if root is not None and wants is None and earlier is None
+            else None
+            for (ids, _), root, wants, (earlier, _) in zip(prompts, roots, asked, chunks)
         ]
-        todo = [(ids[_hit_tokens(hit) :], slot) for (ids, slot), hit in zip(prompts, hits)]
+        # where each prompt's computed tokens start, and where they end this pass
+        starts = [
+            earlier.prompt_tokens if earlier is not None else _hit_tokens(hit)
+            for (earlier, _), hit in zip(chunks, hits)
+        ]
+        ends = [
+            len(ids) if limit is None else min(len(ids), start + limit)
+            for (ids, _), start, (_, limit) in zip(prompts, starts, chunks)
+        ]
+        if any(a is not None and e < len(ids) for a, e, (ids, _) in zip(asked, ends, prompts)):
+            raise ValueError("a prompt that asks for prompt logprobs is prefilled in one chunk")
+        # a later chunk's virtual tokens are in its earlier chunks' keys and values already
+        virtual = [None if earlier is not None else v for v, (earlier, _) in zip(virtual, chunks)]
+        todo = [(ids[start:end], slot) for (ids, slot), start, end in zip(prompts, starts, ends)]
         lengths = [len(ids) + _count(v) for (ids, _), v in zip(todo, virtual)]
         bounds = [0, *itertools.accumulate(lengths)]
         input_ids = torch.tensor(
@@ -116,7 +140,10 @@ class ModelRunner:
             inputs = {"inputs_embeds": self._with_virtual_tokens(input_ids, todo, virtual)}
         # prefix tuning's keys and values, then the prefix cache's: what each prompt attends to first
         tuned = [self.lora.prefixes.get(slot) for _, slot in prompts]
-        prefixes = [_joined_prefix(p, hit) for p, hit in zip(tuned, hits)]
+        prefixes = [
+            _joined_prefix(p, hit) if earlier is None else _earlier_prefix(earlier)
+            for p, hit, (earlier, _) in zip(tuned, hits, chunks)
+        ]
         if any(p is not None for p in prefixes):
             inputs[PREFIX_KV_KWARG] = prefixes  # the attention's hook (server/engine/prefix_attention.py)
         firsts = [0 if p is None else p.num_virtual_tokens for p in prefixes]  # PEFT: after the prefix
@@ -142,8 +169,10 @@ class ModelRunner:
         done = []
         for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
             layers = _row_layers(cache, start, end, prefixes[i])
+            ids, slot = prompts[i]
             if roots[i] is not None:
-                self._remember(roots[i], prompts[i], layers, tuned[i], hits[i])
+                self._remember(roots[i], (ids[: ends[i]], slot), layers, tuned[i], starts[i])
+            earlier = chunks[i][0]
             done.append(
                 Prefilled(
                     logits[i],
@@ -153,7 +182,8 @@ class ModelRunner:
                     else self._prompt_logprobs(
                         hidden[0, start + _count(virtual[i]) : end], prompts[i][0], asked[i]
                     ),
-                    _hit_tokens(hits[i]),
+                    _hit_tokens(hits[i]) if earlier is None else earlier.cached_tokens,
+                    ends[i],
                 )
             )
         return done
@@ -193,14 +223,15 @@ class ModelRunner:
         prompt: tuple[list[int], int],
         layers: list[tuple[torch.Tensor, torch.Tensor]],
         tuned: PrefixKV | None,
-        hit: CachedPrefix | None,
+        known_tokens: int,
     ) -> None:
-        """Stores a prefilled prompt's whole blocks (its own tokens' columns, after any tuned prefix)."""
+        """Stores a prefilled prompt's whole blocks (its own tokens' columns, after any tuned prefix);
+        the first ``known_tokens`` came from the cache or were stored by an earlier chunk."""
         skip = 0 if tuned is None else tuned.num_virtual_tokens
         own = [(k[:, :, skip:], v[:, :, skip:]) for k, v in layers]
         assert self.prefix_cache is not None
         block = self.prefix_cache.block_tokens
-        self.prefix_cache.insert(root, prompt[1], prompt[0], own, _hit_tokens(hit) // block)
+        self.prefix_cache.insert(root, prompt[1], prompt[0], own, known_tokens // block)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
         """Each prompt token's logprob given the tokens before it (positions 1..T-1), with ``top`` best."""
@@ -295,6 +326,12 @@ def _joined_prefix(tuned: PrefixKV | None, hit: CachedPrefix | None) -> PrefixKV
         torch.cat([tuned.keys.to(hit.keys), hit.keys], dim=2),
         torch.cat([tuned.values.to(hit.values), hit.values], dim=2),
     )  # (L, KVH, n + cached, D)
+
+
+def _earlier_prefix(earlier: Prefilled) -> PrefixKV:
+    """A chunk's start: every position its earlier chunks computed (tuned prefix, virtual tokens and
+    prompt tokens alike), as one prefix ``(L, KVH, P, D)``; positions continue after it."""
+    return PrefixKV(torch.cat([k for k, _ in earlier.layers]), torch.cat([v for _, v in earlier.layers]))
 
 
 def _count(virtual_tokens: torch.Tensor | None) -> int:

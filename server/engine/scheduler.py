@@ -32,6 +32,14 @@ class Sequence:
     prompt_logprobs: list | None = None  # sent with the first output, then None
     grammar: Any = None  # this row's RowGrammar when its output is constrained
     cached_prompt_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
+    # chunked prefill: its earlier chunks' result while it waits for the next (a runner ``Prefilled``),
+    # and how many prompt tokens the pass it is in computes (None: all that are left)
+    partial: Any = None
+    chunk_limit: int | None = None
+
+    def prompt_tokens_left(self) -> int:
+        done = 0 if self.partial is None else self.partial.prompt_tokens
+        return len(self.request.prompt_token_ids) - done
 
     @property
     def request_id(self) -> str:
@@ -56,14 +64,35 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def next_prefills(self, room: int) -> list[Sequence]:
+    def next_prefills(self, room: int, token_budget: int | None = None) -> list[Sequence]:
         """Up to ``max_prefills_per_step`` waiting sequences (at most ``room``) to prefill together.
+
+        With a ``token_budget`` (chunked prefill), the pass computes at most that many prompt tokens:
+        each sequence taken gets its ``chunk_limit``, and a prompt longer than what is left of the
+        budget is prefilled in chunks over several passes (it goes back to the queue's end in between,
+        so short prompts behind it are not held up). A prompt asking for prompt logprobs is never
+        split: it is taken whole, first in a pass or where it fits.
 
         Cancelled ones are taken too (the engine finishes them when their prefill returns); a
         sequence cancelled while still queued is removed by the engine at once.
         """
-        batch = []
+        batch: list[Sequence] = []
+        budget = token_budget
         while self.waiting and len(batch) < min(room, self.max_prefills_per_step):
+            seq = self.waiting[0]
+            left = seq.prompt_tokens_left()
+            if budget is None:
+                seq.chunk_limit = None
+            elif seq.request.sampling.prompt_logprobs is not None:
+                if batch and left > budget:
+                    break
+                seq.chunk_limit = None
+                budget -= left
+            elif budget <= 0:
+                break
+            else:
+                seq.chunk_limit = min(left, budget)
+                budget -= seq.chunk_limit
             batch.append(self.waiting.popleft())
         return batch
 

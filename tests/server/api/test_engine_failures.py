@@ -13,10 +13,10 @@ def _poison(client, marker_token_count: int):
     runner = client.app.state.serving.engine.runner
     original = runner.prefill_forward
 
-    def failing_prefill(prompts, prompt_logprobs=None, cache_salts=None):
+    def failing_prefill(prompts, prompt_logprobs=None, cache_salts=None, chunks=None):
         if any(len(ids) == marker_token_count for ids, _ in prompts):
             raise MemoryError("simulated out of memory")
-        return original(prompts, prompt_logprobs, cache_salts)
+        return original(prompts, prompt_logprobs, cache_salts, chunks)
 
     runner.prefill_forward = failing_prefill
 

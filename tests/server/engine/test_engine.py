@@ -155,7 +155,7 @@ def test_a_dying_prefill_worker_fails_every_request_instead_of_hanging(engine_wo
     class WorkerKilled(BaseException):
         pass
 
-    def dying(prompts, prompt_logprobs=None, cache_salts=None):
+    def dying(prompts, prompt_logprobs=None, cache_salts=None, chunks=None):
         raise WorkerKilled()
 
     eng.runner.prefill_forward = dying

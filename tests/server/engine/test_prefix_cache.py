@@ -11,11 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.base_model import load_base_model
-from adapters.batched_lora import BatchedLoRAModel
 from adapters.lease import AdapterChoice
-from adapters.registry import AdapterRegistry
-from adapters.store import AdapterStore
 from server.engine.engine import EngineConfig, LLMEngine, eos_ids_for
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner import ModelRunner
@@ -123,20 +119,14 @@ def test_a_hit_is_always_the_longest_common_whole_block_start(first, second):
 ADAPTERS = [None, "all-r8", "attn-r4", "prefix-tuning"]
 
 
-@pytest.fixture
-def served(tiny_base_dir, peft_type_store_dir):
-    base = load_base_model(tiny_base_dir, "none", "cpu", dtype=torch.float32)
-    lora = BatchedLoRAModel(base.model, torch.float32)
-    registry = AdapterRegistry(AdapterStore(peft_type_store_dir), lora, max_loaded=8, max_rank=64)
-    return base, lora, registry
-
-
 def _runner(base, lora, cache: PrefixCache | None) -> ModelRunner:
     return ModelRunner(base.model, lora, base.device, prefix_cache=cache)
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_a_cached_start_gives_the_logits_and_decode_of_a_full_prefill(served, adapter):
+    """Within 1e-4 in fp32 (the README's bound): the cached start's attention is two flash passes
+    merged, not one, so its sums run in another order."""
     base, lora, registry = served
     lease = registry.lease(AdapterChoice(adapter))
     tok = base.tokenizer
@@ -150,15 +140,15 @@ def test_a_cached_start_gives_the_logits_and_decode_of_a_full_prefill(served, ad
         [hit] = cached.prefill_forward([(second, lease.slot)], cache_salts=[""])
         [full] = plain.prefill_forward([(second, lease.slot)])
         assert hit.cached_tokens >= len(context) - 16 and full.cached_tokens == 0
-        torch.testing.assert_close(hit.logits, full.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hit.logits, full.logits, rtol=1e-4, atol=1e-4)
         for (hk, hv), (fk, fv) in zip(hit.layers, full.layers):  # the row's whole KV, prefix included
-            torch.testing.assert_close(hk, fk, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(hv, fv, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(hk, fk, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(hv, fv, rtol=1e-4, atol=1e-4)
         cached.add_rows([hit])
         plain.add_rows([full])
         for t in follow:  # the cached row decodes as the fully prefilled one
             torch.testing.assert_close(
-                cached.decode([t], [lease.slot]), plain.decode([t], [lease.slot]), rtol=1e-5, atol=1e-5
+                cached.decode([t], [lease.slot]), plain.decode([t], [lease.slot]), rtol=1e-4, atol=1e-4
             )
     lease.release()
 
