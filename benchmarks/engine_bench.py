@@ -17,6 +17,8 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,8 +32,9 @@ from server.config import Settings
 from server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 
 
-def run_closed_loop(state, requests, concurrency: int) -> dict:
-    """Keeps ``concurrency`` requests in the engine until all are done; returns throughput figures."""
+def run_closed_loop(state, requests, concurrency: int, logprobs: int | None = None) -> dict:
+    """Keeps ``concurrency`` requests in the engine until all are done; returns throughput figures.
+    ``logprobs``: every request asks for its tokens' logprobs and that many alternatives."""
     engine, registry = state.engine, state.registry
     outputs: queue.SimpleQueue[GenerationOutput] = queue.SimpleQueue()
     pending = list(reversed(requests))
@@ -40,7 +43,9 @@ def run_closed_loop(state, requests, concurrency: int) -> dict:
 
     def submit_next() -> None:
         req = pending.pop()
-        params = SamplingParams(max_tokens=req.output_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(
+            max_tokens=req.output_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs
+        )
         lease = registry.lease(AdapterChoice(req.adapter or None))  # released by the engine
         request = GenerationRequest(uuid.uuid4().hex, list(req.prompt_token_ids), params, lease)
         in_flight[request.request_id] = time.perf_counter()
@@ -75,6 +80,7 @@ def run_closed_loop(state, requests, concurrency: int) -> dict:
         "mean_batch": round(stats.decode_rows / max(stats.steps, 1), 1),
         "decode_s": round(stats.decode_seconds, 2),
         "decode_ms_per_step": round(1000 * stats.decode_seconds / max(stats.steps, 1), 1),
+        "wall_ms_per_step": round(1000 * wall / max(stats.steps, 1), 1),
         "prefill_s": round(stats.prefill_seconds, 2),
         "prefill_forwards": stats.prefill_forwards,
         "prefill_tokens_per_s": round(stats.prompt_tokens / max(stats.prefill_seconds, 1e-9), 1),
@@ -100,7 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters (0 = base only)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "none"])
+    parser.add_argument(
+        "--quantization", default="auto", choices=["auto", "w8a8", "w8", "nf4", "int8", "none"]
+    )
+    parser.add_argument("--logprobs", type=int, default=None, help="every request asks for logprobs, top K")
     parser.add_argument("--dtype", default="auto", help="the server's --dtype")
     parser.add_argument(
         "--threads", type=int, default=None, help="threads per engine thread (default: the server's)"
@@ -113,9 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> tuple[dict, torch.dtype]:
-    """Writes the adapters, serves the workload through an in-process engine; returns its figures
-    and the compute dtype."""
+@contextmanager
+def engine_state(args: argparse.Namespace) -> Iterator:
+    """The server's state on the default model with ``args.adapters`` random adapters resident, its
+    engine started and warmed up (stats reset); stopped and cleaned up after."""
     model_dir = resolve_base_model(None)
     data_dir = Path(tempfile.mkdtemp(prefix="loraplex-engine-bench-"))
     try:
@@ -141,24 +151,31 @@ def run(args: argparse.Namespace) -> tuple[dict, torch.dtype]:
             warm = make_workload(WorkloadSpec(4, args.adapters, seed=args.seed + 1))
             run_closed_loop(state, warm, 4)
             state.engine.stats = type(state.engine.stats)()  # count the measured run only
-            requests = make_workload(WorkloadSpec(args.requests, args.adapters, seed=args.seed))
-            if args.profile:
-                from torch.profiler import ProfilerActivity, profile
-
-                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                    result = run_closed_loop(state, requests, args.concurrency)
-                print(
-                    prof.key_averages(group_by_input_shape=True).table(
-                        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50
-                    )
-                )
-            else:
-                result = run_closed_loop(state, requests, args.concurrency)
+            yield state
         finally:
             state.engine.stop()
-        return result, state.engine.runner.lora.dtype
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> tuple[dict, torch.dtype]:
+    """Writes the adapters, serves the workload through an in-process engine; returns its figures
+    and the compute dtype."""
+    with engine_state(args) as state:
+        requests = make_workload(WorkloadSpec(args.requests, args.adapters, seed=args.seed))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                result = run_closed_loop(state, requests, args.concurrency, args.logprobs)
+            print(
+                prof.key_averages(group_by_input_shape=True).table(
+                    sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50
+                )
+            )
+        else:
+            result = run_closed_loop(state, requests, args.concurrency, args.logprobs)
+        return result, state.engine.runner.lora.dtype
 
 
 if __name__ == "__main__":
