@@ -52,18 +52,26 @@ def stop_process(proc: subprocess.Popen | None) -> None:
 
 
 class ServerProcess:
-    """Starts ``loraplex serve`` with the given flags and waits until ``GET /ready`` answers 200.
+    """Starts ``loraplex serve`` (or ``command``) with the given flags and waits until ``GET /ready``
+    answers 200.
 
     Args:
         data_dir: the server's data directory (adapters under ``data_dir/adapters``).
         flags: extra ``serve`` flags, e.g. ``{"max-loaded-adapters": 64, "quantization": "none"}``.
         ready_timeout_s: how long to wait for the model to load.
+        command: the CLI command (``("ray", "serve")`` for ``loraplex ray serve``).
     """
 
-    def __init__(self, data_dir: Path, flags: dict[str, object], ready_timeout_s: float = 900.0):
+    def __init__(
+        self,
+        data_dir: Path,
+        flags: dict[str, object],
+        ready_timeout_s: float = 900.0,
+        command: tuple[str, ...] = ("serve",),
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port)]
+        args = [sys.executable, "-m", "server.cli", *command, "--port", str(self.port)]
         args += ["--data-dir", str(data_dir), "--log-level", "warning"]
         for key, value in flags.items():
             args += [f"--{key}", str(value)]

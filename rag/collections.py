@@ -27,7 +27,7 @@ from rag.collection import (
     DocumentInput,
     IngestResult,
 )
-from rag.embedder import Embedder, canonical_model_name, load_embedder
+from rag.embedder import Embedder, EmbedderCache, canonical_model_name, load_embedder
 from rag.errors import (
     CollectionExists,
     CollectionNameInvalid,
@@ -77,9 +77,7 @@ class CollectionManager:
         self.root = Path(root)
         self.default_embedding_model = canonical_model_name(default_embedding_model)
         self.max_upload_bytes = max_upload_bytes
-        self._load_embedder = load_embedder
-        self._embedders: dict[str, Embedder] = {}
-        self._embedder_lock = threading.Lock()
+        self._embedders = EmbedderCache(load_embedder)
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
         self.root.mkdir(parents=True, exist_ok=True)
@@ -98,10 +96,7 @@ class CollectionManager:
 
     def embedder(self, model: str) -> Embedder:
         """The shared embedder of ``model``, loaded on first use."""
-        with self._embedder_lock:
-            if model not in self._embedders:
-                self._embedders[model] = self._load_embedder(model)
-            return self._embedders[model]
+        return self._embedders.get(model)
 
     def close(self) -> None:
         with self._lock:
@@ -191,6 +186,10 @@ class CollectionManager:
 
     def info(self, name: str) -> CollectionInfo:
         return self.get(name).info()
+
+    def check_exists(self, name: str) -> None:
+        """Raises :class:`CollectionNotFound` unless the collection ``name`` exists."""
+        self.get(name)
 
     def delete(self, name: str) -> None:
         """Deletes a collection with all its documents, vectors and files.

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -128,3 +129,22 @@ class SentenceTransformerEmbedder:
 def load_embedder(model: str) -> Embedder:
     """Loads the embedder for ``model`` (the default alias or a local sentence-transformers directory)."""
     return SentenceTransformerEmbedder(model)
+
+
+class EmbedderCache:
+    """One shared embedder per model name, loaded on first use; thread-safe.
+
+    Args:
+        load: builds an embedder from a model name (tests pass a fast stand-in).
+    """
+
+    def __init__(self, load: Callable[[str], Embedder] = load_embedder):
+        self._load = load
+        self._embedders: dict[str, Embedder] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str) -> Embedder:
+        with self._lock:
+            if model not in self._embedders:
+                self._embedders[model] = self._load(model)
+            return self._embedders[model]

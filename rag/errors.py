@@ -1,13 +1,32 @@
 """Domain errors of the RAG package; the server maps them to HTTP in one place.
 
 Each error carries ``code`` (OpenAI-style error code) and ``param`` (the request field at fault) as class
-attributes; HTTP statuses are assigned in one table, ``server/api/errors.py``.
+attributes; HTTP statuses are assigned in one table, ``server/api/errors.py``. They pickle intact (class,
+message and attributes), so they keep their meaning when they cross a process boundary: under Ray Serve
+the RAG deployment raises them and the engine replica that called it maps them to HTTP.
 """
 
 from __future__ import annotations
 
+from typing import Any
 
-class CollectionNotFound(LookupError):
+
+def _rebuild(cls: type[BaseException], args: tuple, attributes: dict[str, Any]) -> BaseException:
+    error = cls.__new__(cls, *args)  # BaseException.__new__ sets args; __init__ (other signature) not run
+    error.args = args
+    error.__dict__.update(attributes)
+    return error
+
+
+class RagError(Exception):
+    """Base of the RAG errors. Pickling calls no ``__init__`` (whose arguments differ from ``args``,
+    which holds the message only): the unpickled error has the same message and attributes."""
+
+    def __reduce__(self) -> tuple:
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+class CollectionNotFound(RagError, LookupError):
     """No collection of that name exists."""
 
     code = "collection_not_found"
@@ -18,7 +37,7 @@ class CollectionNotFound(LookupError):
         self.name = name
 
 
-class CollectionExists(ValueError):
+class CollectionExists(RagError, ValueError):
     """A collection of that name already exists."""
 
     code = "collection_exists"
@@ -29,7 +48,7 @@ class CollectionExists(ValueError):
         self.name = name
 
 
-class CollectionNameInvalid(ValueError):
+class CollectionNameInvalid(RagError, ValueError):
     """A name outside ``[A-Za-z0-9._-]{1,64}`` (or one starting with '.')."""
 
     code = "invalid_collection_name"
@@ -43,7 +62,7 @@ class CollectionNameInvalid(ValueError):
         self.name = name
 
 
-class CollectionSettingsInvalid(ValueError):
+class CollectionSettingsInvalid(RagError, ValueError):
     """Chunking or index settings that cannot work; ``param`` names the setting at fault."""
 
     code = "invalid_collection_settings"
@@ -53,7 +72,7 @@ class CollectionSettingsInvalid(ValueError):
         self.param = param
 
 
-class EmbeddingModelInvalid(ValueError):
+class EmbeddingModelInvalid(RagError, ValueError):
     """An embedding model that is not a local sentence-transformers directory."""
 
     code = "invalid_embedding_model"
@@ -64,7 +83,7 @@ class EmbeddingModelInvalid(ValueError):
         self.model = model
 
 
-class DocumentNotFound(LookupError):
+class DocumentNotFound(RagError, LookupError):
     """No document with that id in the collection."""
 
     code = "document_not_found"
@@ -76,7 +95,7 @@ class DocumentNotFound(LookupError):
         self.document_id = document_id
 
 
-class EmptyDocument(ValueError):
+class EmptyDocument(RagError, ValueError):
     """A document with no text to index (empty, whitespace, or a PDF without a text layer)."""
 
     code = "empty_document"
@@ -87,7 +106,7 @@ class EmptyDocument(ValueError):
         self.source = source
 
 
-class DocumentTooLarge(ValueError):
+class DocumentTooLarge(RagError, ValueError):
     """An upload or document over the configured size limit."""
 
     code = "document_too_large"
@@ -100,7 +119,7 @@ class DocumentTooLarge(ValueError):
         self.limit_bytes = limit_bytes
 
 
-class UnsupportedFileType(ValueError):
+class UnsupportedFileType(RagError, ValueError):
     """A file that is not plain text, Markdown, HTML or PDF."""
 
     code = "unsupported_file_type"
@@ -115,7 +134,7 @@ class UnsupportedFileType(ValueError):
         self.content_type = content_type
 
 
-class DocumentUnreadable(ValueError):
+class DocumentUnreadable(RagError, ValueError):
     """A file that claims a supported type but cannot be parsed (a broken or encrypted PDF)."""
 
     code = "document_unreadable"
@@ -126,7 +145,7 @@ class DocumentUnreadable(ValueError):
         self.filename = filename
 
 
-class SearchInvalid(ValueError):
+class SearchInvalid(RagError, ValueError):
     """A search request that cannot run (unknown mode, bad top_k, bad filter)."""
 
     code = "invalid_search"
@@ -136,7 +155,7 @@ class SearchInvalid(ValueError):
         self.param = param
 
 
-class DocumentIdInvalid(ValueError):
+class DocumentIdInvalid(RagError, ValueError):
     """A document id that is empty, too long or contains control characters."""
 
     code = "invalid_document_id"

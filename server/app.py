@@ -21,6 +21,7 @@ from server.api.adapter_admin.api_router import router as adapter_admin_router
 from server.api.auth import Admin, KeyRing
 from server.api.chat.api_router import router as chat_router
 from server.api.collections.api_router import router as collections_router
+from server.api.collections.rag_service import RagService
 from server.api.completions.api_router import router as completions_router
 from server.api.deps import ServingState
 from server.api.embeddings.api_router import router as embeddings_router
@@ -43,8 +44,23 @@ from server.engine.threads import limit_threads
 logger = logging.getLogger(__name__)
 
 
-def build_state(settings: Settings) -> ServingState:
-    """Loads the base model and wires adapters, registry and engine (the engine is not started)."""
+def collection_manager(settings: Settings) -> CollectionManager:
+    """The RAG collections under the data dir (opened once per server; under Ray Serve by the RAG
+    deployment alone)."""
+    return CollectionManager(
+        settings.data_dir / "rag",
+        default_embedding_model=settings.embedding_model,
+        max_upload_bytes=settings.rag_max_upload_bytes,
+    )
+
+
+def build_state(settings: Settings, rag: RagService | None = None) -> ServingState:
+    """Loads the base model and wires adapters, registry and engine (the engine is not started).
+
+    Args:
+        settings: the server settings.
+        rag: what serves the RAG collections; None opens them here (:func:`collection_manager`).
+    """
     device = pick_device(settings.device)
     cores = os.cpu_count() or 1
     prefill_worker = settings.prefill_worker == "on" or (
@@ -85,11 +101,8 @@ def build_state(settings: Settings) -> ServingState:
         ),
         eos_ids_for(base.tokenizer, base.model),
     )
-    rag = CollectionManager(
-        settings.data_dir / "rag",
-        default_embedding_model=settings.embedding_model,
-        max_upload_bytes=settings.rag_max_upload_bytes,
-    )
+    if rag is None:
+        rag = collection_manager(settings)
     grammars = GrammarCompiler(
         base.tokenizer,
         vocab_size=base.model.config.get_text_config().vocab_size,
@@ -127,7 +140,7 @@ def create_app(
         finally:
             state.engine.stop()
             app.state.embeddings.close()
-            state.rag.close()  # flushes the collections' indexes
+            state.rag.close()  # flushes the collections' indexes (if they are this app's)
             logger.info("engine stopped, RAG collections closed")
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)

@@ -27,7 +27,7 @@ class ServingState:
     registry: AdapterRegistry
     engine: Engine
     context_length: int
-    rag: Any = None  # rag.CollectionManager, when RAG is enabled
+    rag: Any = None  # server.api.collections.rag_service.RagService, when RAG is enabled
     grammars: Any = None  # server.engine.structured.GrammarCompiler: structured outputs
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)

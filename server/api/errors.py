@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters.errors import AdapterBusy
 from adapters.registry import AdapterChanged, AdapterInUse
 from rag.errors import CollectionExists, DocumentTooLarge, UnsupportedFileType
+from server.api.collections.rag_service import RagUnavailable
 from server.api.embeddings.worker import EmbeddingQueueFull, EmbeddingWorkerClosed
 from server.engine.structured.row_grammar import GrammarRowFailed
 from server.engine.types import EngineUnavailable, GenerationFailed, NonFiniteLogits
@@ -37,6 +38,7 @@ STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (AdapterInUse, 409),
     (EmbeddingQueueFull, 429),
     (EmbeddingWorkerClosed, 503),
+    (RagUnavailable, 503),
     (CollectionExists, 409),
     (DocumentTooLarge, 413),
     (UnsupportedFileType, 415),

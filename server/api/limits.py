@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 
 from server.api.auth import Principal
 from server.api.errors import APIError, error_body
@@ -30,15 +31,9 @@ class RequestLimitsMiddleware:
         headers = scope.get("headers", [])
         if len(headers) > self.max_headers:
             return await _reject(send, 431, f"at most {self.max_headers} request headers are allowed")
-        content_type, length = b"", None
-        for name, value in headers:
-            if name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                length = int(value) if value.isdigit() else None
-        limit = self.max_upload_bytes if content_type.startswith(b"multipart/") else self.max_body_bytes
+        limit, length = body_limit(headers, self.max_body_bytes, self.max_upload_bytes)
         if length is not None and length > limit:
-            return await _reject(send, 413, f"the request body exceeds the limit of {limit} bytes")
+            return await _reject(send, 413, str(body_too_large(limit)))
         received = 0
 
         async def limited_receive():
@@ -47,12 +42,31 @@ class RequestLimitsMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise APIError(
-                        413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large"
-                    )
+                    raise body_too_large(limit)
             return message
 
         return await self.app(scope, limited_receive, send)
+
+
+def body_limit(
+    headers: Iterable[tuple[bytes, bytes]], max_body_bytes: int, max_upload_bytes: int
+) -> tuple[int, int | None]:
+    """The body limit of a request with these (raw) headers, and its declared ``Content-Length``.
+
+    Multipart uploads get ``max_upload_bytes``, every other body ``max_body_bytes``.
+    """
+    content_type, length = b"", None
+    for name, value in headers:
+        name = name.lower()
+        if name == b"content-type":
+            content_type = value
+        elif name == b"content-length":
+            length = int(value) if value.isdigit() else None
+    return (max_upload_bytes if content_type.startswith(b"multipart/") else max_body_bytes), length
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
 
 
 async def _reject(send, status: int, message: str) -> None:

@@ -1,4 +1,5 @@
-"""The Ray Serve application: one ingress in front of N engine replicas (multiplexed by adapter)."""
+"""The Ray Serve application: one ingress in front of N engine replicas (multiplexed by adapter),
+which all reach the RAG collections through one RAG deployment."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from typing import Any
 
 from server.config import Settings
 from server.ray.ingress import Ingress
+from server.ray.rag_replica import RAG_DEPLOYMENT, RagReplica
 from server.ray.replica import EngineReplica
 
 APP_NAME = "loraplex"
+RAG_MAX_ONGOING_REQUESTS = 64  # searches and writes from every engine replica at once
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,17 @@ def build_application(settings: Settings, options: RayOptions) -> Any:
         max_ongoing_requests=10_000,
         graceful_shutdown_timeout_s=grace,
     )(Ingress)
-    return ingress.bind(engine.bind(settings, options.cpus_per_replica), settings, APP_NAME, options.replicas)
+    rag = serve.deployment(
+        name=RAG_DEPLOYMENT,
+        num_replicas=1,  # the one writer of every collection's index
+        # No CPUs reserved: it embeds only on ingest and search, and fits beside the engine replicas
+        # (also on a KubeRay head with num-cpus 0).
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=RAG_MAX_ONGOING_REQUESTS,
+        graceful_shutdown_timeout_s=grace,
+    )(RagReplica)
+    engine_replicas = engine.bind(settings, options.cpus_per_replica, rag.bind(settings))
+    return ingress.bind(engine_replicas, settings, APP_NAME, options.replicas)
 
 
 def options_and_settings(args: dict[str, Any]) -> tuple[Settings, RayOptions]:

@@ -15,9 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.store import AdapterStore
+from server.api.errors import APIError, error_response
+from server.api.limits import body_limit, body_too_large
 from server.config import Settings
 from server.ray.asgi_bridge import ForwardedRequest, ResponseStart
 from server.ray.placement import PlacementGate
+from server.ray.rag_replica import RAG_DEPLOYMENT
 from server.ray.replica import REPLICA_HEADER
 from server.ray.routing import admin_action, multiplexed_model_id
 
@@ -42,6 +45,8 @@ class Ingress:
         self.placement = PlacementGate()
         self.store = AdapterStore(settings.adapter_dir)
         self.max_merge_parts = settings.max_merge_parts
+        self.max_body_bytes = settings.max_body_bytes
+        self.max_upload_bytes = settings.max_upload_bytes
         self.app_name = app_name
         self.replicas = replicas
         self.replica_id = "ingress-" + serve.get_replica_context().replica_id.unique_id
@@ -56,7 +61,12 @@ class Ingress:
             except Exception as e:  # the controller or a replica unreachable: not ready
                 logger.warning("readiness probe failed: %r", e)
                 return _unavailable("not ready", self.replica_id)
-        body = await request.body()
+        try:
+            body = await self._body(request)
+        except APIError as e:  # over the limit: refused here, before it is shipped to a replica
+            response = error_response(e)
+            response.headers[REPLICA_HEADER.decode()] = self.replica_id
+            return response
         forwarded = ForwardedRequest(
             method=request.method,
             path=path,
@@ -82,6 +92,19 @@ class Ingress:
             return _response(Response(content, start.status), start)
         return _response(StreamingResponse(_guarded(chunks), start.status), start)
 
+    async def _body(self, request: Request) -> bytes:
+        """The request's body, read only up to the replica's own limit (``--max-body-bytes``, or
+        ``--max-upload-bytes`` for multipart), so an oversized upload is never buffered whole."""
+        limit, length = body_limit(request.headers.raw, self.max_body_bytes, self.max_upload_bytes)
+        if length is not None and length > limit:
+            raise body_too_large(limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise body_too_large(limit)
+        return bytes(body)
+
     async def _start(
         self, forwarded: ForwardedRequest, model_id: str, retry: bool
     ) -> tuple[ResponseStart, Any]:
@@ -104,7 +127,8 @@ class Ingress:
 
     async def _ready(self) -> JSONResponse:
         """200 only when every engine replica is running and answers (the controller's view lags a
-        replica that just died, so each replica is asked too)."""
+        replica that just died, so each replica is asked too). The RAG deployment's status is
+        reported but not required: generation works without it (the RAG routes answer 503)."""
         from ray import serve
 
         headers = {REPLICA_HEADER.decode(): self.replica_id}
@@ -116,7 +140,14 @@ class Ingress:
             timeout_s=READY_PROBE_SECONDS, return_exceptions=True
         )
         healthy = sum(not isinstance(answer, BaseException) for answer in answers)
-        body = {"status": "ready", "replicas": self.replicas, "running": running, "healthy": healthy}
+        rag = app.deployments.get(RAG_DEPLOYMENT) if app else None
+        body = {
+            "status": "ready",
+            "replicas": self.replicas,
+            "running": running,
+            "healthy": healthy,
+            "rag": rag.status.value if rag else "missing",
+        }
         if deployment is None or deployment.status != "HEALTHY" or min(running, healthy) < self.replicas:
             return JSONResponse({**body, "status": "not_ready"}, status_code=503, headers=headers)
         return JSONResponse(body, headers=headers)

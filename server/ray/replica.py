@@ -1,8 +1,10 @@
 """One engine replica: the whole app of ``server/app.py`` (base model loaded once), reached through
-:func:`server.ray.asgi_bridge.call_app`; its adapter registry is Ray Serve's multiplexed LRU."""
+:func:`server.ray.asgi_bridge.call_app`; its adapter registry is Ray Serve's multiplexed LRU, and its
+RAG collections are the RAG deployment's (:class:`server.ray.rag_client.RemoteCollections`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,9 +14,10 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters.registry import AdapterInUse
 from server.api.health.api_router import WEDGED_AFTER_SECONDS
-from server.app import create_app
+from server.app import build_state, create_app
 from server.config import Settings
 from server.ray.asgi_bridge import ForwardedRequest, ResponseStart, call_app
+from server.ray.rag_client import RemoteCollections
 from server.ray.routing import StoreChange
 
 logger = logging.getLogger(__name__)
@@ -49,11 +52,14 @@ class EngineReplica:
     """The body of the engine deployment; :func:`server.ray.app.build_application` adds the
     ``@serve.multiplexed`` loader (``adapter``) and the deployment options."""
 
-    async def __init__(self, settings: Settings, cpus_per_replica: float):
+    async def __init__(self, settings: Settings, cpus_per_replica: float, rag: Any):
+        """``rag``: the RAG deployment's handle."""
         from ray import serve
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.app = create_app(replica_settings(settings, cpus_per_replica))
+        settings = replica_settings(settings, cpus_per_replica)
+        build = functools.partial(build_state, rag=RemoteCollections(rag, settings))
+        self.app = create_app(settings, build=build)
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
         logger.info("replica %s ready", self.replica_id)

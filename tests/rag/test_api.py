@@ -1,4 +1,6 @@
-"""The /v1/rag endpoints through a FastAPI app with the project's error handlers."""
+"""The /v1/rag endpoints through a FastAPI app with the project's error handlers: on the app's own
+collections (``loraplex serve``) and through the RAG deployment's client (``loraplex ray serve``),
+whose calls, results and errors cross a pickle round trip as they cross Ray."""
 
 from __future__ import annotations
 
@@ -10,12 +12,23 @@ from server.api.collections.api_router import router
 from server.api.errors import install_error_handlers
 
 
-@pytest.fixture
-def client(manager):
+def remote_collections(manager):
+    """``manager`` as an engine replica reaches it under Ray Serve (without a Ray instance)."""
+    pytest.importorskip("ray")
+    from server.config import Settings
+    from server.ray.rag_client import RemoteCollections
+    from tests.server.ray.in_process_handle import InProcessRagHandle
+
+    settings = Settings(rag_max_upload_bytes=manager.max_upload_bytes)
+    return RemoteCollections(InProcessRagHandle(manager), settings)
+
+
+@pytest.fixture(params=["local", "ray-handle"])
+def client(manager, request):
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    app.state.rag = manager
+    app.state.rag = manager if request.param == "local" else remote_collections(manager)
     with TestClient(app) as client:
         yield client
 

@@ -1,7 +1,8 @@
 """``/v1/rag/...``: collections, documents and search. Thin: parse, call ``rag``, return.
 
-The manager is ``request.app.state.rag`` (a :class:`rag.collections.CollectionManager`). Blocking work runs
-in the thread pool; errors are the ``rag.errors`` exceptions, mapped to HTTP by ``server/api/errors.py``.
+The manager is ``request.app.state.rag`` (a :class:`server.api.collections.rag_service.RagService`: the
+app's own collections, or under Ray Serve the RAG deployment's). Blocking work runs in the thread pool;
+errors are the ``rag.errors`` exceptions, mapped to HTTP by ``server/api/errors.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from adapters.safe_files import JSONTooDeep, loads_bounded
-from rag.collections import CollectionManager
 from rag.errors import CollectionNotFound, DocumentTooLarge
 from rag.extract import UploadedFile
 from server.api.auth import Admin, Caller, Principal
@@ -35,6 +35,7 @@ from server.api.collections.protocol import (
     SearchResponse,
     SearchResult,
 )
+from server.api.collections.rag_service import RagService
 from server.api.errors import APIError
 
 MAX_METADATA_DEPTH = 16  # nesting of a multipart upload's metadata JSON
@@ -61,7 +62,7 @@ _INGEST_BODY = {
 }
 
 
-def get_manager(request: Request) -> CollectionManager:
+def get_manager(request: Request) -> RagService:
     return request.app.state.rag
 
 
@@ -78,7 +79,7 @@ def check_writable(caller: Principal, name: str) -> None:
         raise APIError(403, "This key may read but not change this collection.", code="permission_denied")
 
 
-Manager = Annotated[CollectionManager, Depends(get_manager)]
+Manager = Annotated[RagService, Depends(get_manager)]
 
 
 @router.post("/collections", response_model=CollectionObject)
@@ -121,7 +122,7 @@ async def add_documents(name: str, request: Request, manager: Manager, caller: C
     check_writable(caller, name)
     """JSON (``{"documents": [{"text", "source"?, "id"?, "metadata"?}]}`` or one document's fields) or
     multipart (``files`` parts, optional ``metadata`` JSON part)."""
-    manager.get(name)  # 404 before reading a large body
+    await run_in_threadpool(manager.check_exists, name)  # 404 before reading a large body
     content_length = int(request.headers.get("content-length") or 0)
     if content_length > manager.max_upload_bytes:
         raise DocumentTooLarge("request body", content_length, manager.max_upload_bytes)

@@ -1,4 +1,5 @@
-"""``loraplex ray serve`` on a local Ray instance: two 1-CPU engine replicas over the tiny model."""
+"""``loraplex ray serve`` on a local Ray instance: two 1-CPU engine replicas over the tiny model, and
+the one RAG deployment both reach the collections through."""
 
 from __future__ import annotations
 
@@ -59,7 +60,15 @@ def sources(tiny_base_dir, tmp_path_factory):
 def settings(tiny_base_dir, sources, tmp_path_factory) -> Settings:
     tmp = tmp_path_factory.mktemp("ray-serve")
     store = copy_adapter_store(tmp / "adapters", sources)
-    return tiny_settings(tiny_base_dir, store, tmp, max_loaded_adapters=8, port=_free_port())
+    return tiny_settings(
+        tiny_base_dir,
+        store,
+        tmp,
+        max_loaded_adapters=8,
+        max_model_len=512,
+        max_upload_bytes=4 << 20,
+        port=_free_port(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +162,145 @@ def test_uploaded_adapter_serves_on_every_replica_and_deleted_is_404_everywhere(
     assert len({r.headers[REPLICA] for r in gone}) == 2  # the 404 came from both replicas
 
 
+HANDBOOK = [
+    {"id": "leave", "text": "Employees get 25 days of paid leave per year at Acme.", "source": "handbook.md"},
+    {"id": "lunch", "text": "The canteen serves lunch from noon until two o'clock.", "source": "canteen.md"},
+    {"id": "bikes", "text": "Bicycles must be parked in the courtyard racks.", "source": "campus.md"},
+] + [{"id": f"room-{i}", "text": f"Meeting room {i} is on floor {i} of the north wing."} for i in range(9)]
+LEAVE_QUESTION = "How many days of paid leave do employees get?"
+
+
+def rag_chat(adapter: str) -> dict:
+    return {**chat(adapter, LEAVE_QUESTION, max_tokens=4), "rag": {"collection": "handbook", "top_k": 2}}
+
+
+def assert_error(response: httpx.Response, status: int, code: str, param: str | None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, param) and set(error) == {
+        "message",
+        "type",
+        "param",
+        "code",
+    }
+
+
+def test_one_rag_deployment_holds_the_collections_every_replica_writes_and_reads(ray_url):
+    from ray import serve
+
+    with httpx.Client(base_url=ray_url, timeout=120) as client:
+        assert client.get("/ready").json()["rag"] == "HEALTHY"
+        rag = serve.status().applications["loraplex"].deployments["RagCollections"]
+        assert rag.replica_states == {"RUNNING": 1}  # the one writer
+        assert client.post("/v1/rag/collections", json={"name": "handbook"}).status_code == 200
+        # Ingests into one collection from both replicas at once: its one writer loses none of them.
+        with ThreadPoolExecutor(6) as pool:
+            ingested = list(
+                pool.map(
+                    lambda doc: client.post("/v1/rag/collections/handbook/documents", json=doc), HANDBOOK
+                )
+            )
+        assert [r.status_code for r in ingested] == [200] * len(HANDBOOK), [r.text for r in ingested]
+        assert len({r.headers[REPLICA] for r in ingested}) == 2
+        info = client.get("/v1/rag/collections/handbook").json()
+        assert info["document_count"] == len(HANDBOOK) and info["vector_count"] == info["chunk_count"]
+
+        # RAG chat on adapters placed on both replicas: each retrieves from what any replica wrote.
+        answers = post_all(ray_url, [rag_chat(adapter) for adapter in ADAPTERS])
+        assert [r.status_code for r in answers] == [200] * len(ADAPTERS), [r.text for r in answers]
+        assert len({r.headers[REPLICA] for r in answers}) == 2
+        assert all(r.json()["sources"][0]["document_id"] == "leave" for r in answers)
+
+        # The RAG library's errors come back through Ray as under `loraplex serve`.
+        assert_error(
+            client.post("/v1/rag/collections", json={"name": "handbook"}), 409, "collection_exists", "name"
+        )
+        assert_error(
+            client.post("/v1/rag/collections", json={"name": "c", "chunk_size": 4}),
+            400,
+            "invalid_collection_settings",
+            "chunk_size",
+        )
+        search = {"query": "leave", "filter": {"not a key": 1}}
+        assert_error(
+            client.post("/v1/rag/collections/handbook/search", json=search), 400, "invalid_search", "filter"
+        )
+        missing = client.post("/v1/rag/collections/nope/search", json={"query": "leave"})
+        assert_error(missing, 404, "collection_not_found", "collection")
+
+        assert client.delete("/v1/rag/collections/handbook").status_code == 200
+    gone = post_all(ray_url, [rag_chat(adapter) for adapter in ADAPTERS])
+    for response in gone:
+        assert_error(response, 404, "collection_not_found", "collection")
+    assert len({r.headers[REPLICA] for r in gone}) == 2  # the deletion is seen by both replicas
+
+
+def test_oversized_bodies_are_refused_by_the_ingress_before_a_replica_sees_them(ray_url, settings):
+    json_body = b"[" + b" " * settings.max_body_bytes + b"]"
+    upload = {"files": ("big.txt", b"x" * (settings.max_upload_bytes + 1), "text/plain")}
+    with httpx.Client(base_url=ray_url, timeout=60) as client:
+        refused = [
+            client.post("/v1/chat/completions", content=json_body),
+            client.post(
+                "/v1/chat/completions", content=iter([json_body[:1000], json_body[1000:]])
+            ),  # chunked
+            client.post("/v1/rag/collections/any/documents", files=upload),
+        ]
+    for response in refused:
+        assert_error(response, 413, "body_too_large", None)
+        assert response.headers[REPLICA].startswith("ingress-")
+
+
+def replica_metrics(url: str, replicas: set[str] | None = None, seconds: float = 30.0) -> dict[str, dict]:
+    """Each replica's unlabelled samples from ``/metrics`` (the ingress forwards it to one replica at a
+    time): scraped until every one of ``replicas`` (default: every replica) has answered."""
+    found: dict[str, dict] = {}
+    deadline = time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while replicas is None and len(found) < 2 or replicas is not None and not replicas <= set(found):
+            assert time.monotonic() < deadline, f"/metrics answered only by {sorted(found)}"
+            response = client.get("/metrics")
+            samples = {}
+            for line in response.text.splitlines():
+                if line and not line.startswith("#") and "{" not in line:
+                    name, value = line.rsplit(" ", 1)
+                    samples[name] = float(value)
+            found[response.headers[REPLICA]] = samples
+    return found
+
+
+def first_events(url: str, body: dict, count: int) -> tuple[str, list[str]]:
+    """Opens a streamed chat completion, reads ``count`` SSE events and hangs up. Returns the replica
+    that served it and the events."""
+    events: list[str] = []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == count:
+                return response.headers[REPLICA], events
+    raise AssertionError(f"the stream ended after {len(events)} events")
+
+
+def test_abandoned_stream_is_cancelled_on_its_replica(ray_url):
+    max_tokens = 400
+    before = replica_metrics(ray_url)
+    body = {**chat(None, PROMPTS[0], max_tokens=max_tokens), "stream": True, "ignore_eos": True}
+    replica, events = first_events(ray_url, body, 3)
+    assert "[DONE]" not in events[-1]
+    deadline = time.monotonic() + 10
+    while True:  # the replica's engine cancels it and frees its row
+        samples = replica_metrics(ray_url, {replica})[replica]
+        if samples["loraplex_running_batch_size"] == 0 and samples["loraplex_queue_depth"] == 0:
+            break
+        assert time.monotonic() < deadline, "the abandoned stream still holds its row"
+        time.sleep(0.1)
+    decoded = samples["loraplex_engine_decode_rows"] - before[replica]["loraplex_engine_decode_rows"]
+    assert decoded < max_tokens / 2, f"{decoded:.0f} of {max_tokens} tokens decoded: not cancelled"
+
+
+# Last: it replaces a replica, which moves adapters.
 def engine_replica_actors() -> list:
     named = ray.util.list_named_actors(all_namespaces=True)
     return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in named if "EngineReplica" in a["name"]]
