@@ -433,7 +433,7 @@ class LLMEngine:
         if requeued:
             with self._waiting:
                 self.scheduler.waiting.extend(requeued)
-                if self._prefill_thread is not None and threading.current_thread() is self._prefill_thread:
+                if threading.current_thread() is self._prefill_thread:  # else already counted out
                     self._in_prefill -= len(requeued)
                 self._waiting.notify()
         return [s for s, _ in finished], [d for _, d in finished]

@@ -179,9 +179,7 @@ class ModelRunner:
                     layers,
                     None
                     if asked[i] is None
-                    else self._prompt_logprobs(
-                        hidden[0, start + _count(virtual[i]) : end], prompts[i][0], asked[i]
-                    ),
+                    else self._prompt_logprobs(hidden[0, start + _count(virtual[i]) : end], ids, asked[i]),
                     _hit_tokens(hits[i]) if earlier is None else earlier.cached_tokens,
                     ends[i],
                 )
