@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -69,6 +69,7 @@ class ServerMetrics:
     def bind(self, state) -> None:
         """Gauges read live from the engine and registry at scrape time."""
         self.registry.register(LoraRequestsInfo(state))
+        self.registry.register(FinishedRequests(state.engine.stats))
         self.queue_depth.set_function(lambda: state.engine.health().waiting)
         self.running.set_function(lambda: state.engine.health().running)
         self.resident_adapters.set_function(lambda: len(state.registry.resident()))
@@ -115,4 +116,24 @@ class LoraRequestsInfo:
             ],
             time.time(),
         )
+        yield family
+
+
+class FinishedRequests:
+    """``loraplex_finished_requests_total{reason}``: generations ended, by why (``stop``, ``length``,
+    ``cancelled`` — the client went away or cancelled —, ``error``), as vLLM's
+    ``vllm:request_success_total{finished_reason}`` plus the unsuccessful ones."""
+
+    def __init__(self, stats) -> None:
+        self.stats = stats
+
+    def describe(self) -> list:
+        return []  # a label appears with its first request
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "loraplex_finished_requests", "generations ended, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(dict(self.stats.finished_by_reason).items()):
+            family.add_metric([reason], count)
         yield family

@@ -549,6 +549,7 @@ class LLMEngine:
         self._by_id.pop(seq.request_id, None)
         seq.request.lease.release()  # the one place a submitted sequence gives its lease share back
         self.stats.finished += 1
+        self.stats.finished_by_reason[reason] = self.stats.finished_by_reason.get(reason, 0) + 1
         self._emit(
             seq,
             self._output(

@@ -151,6 +151,7 @@ class EngineStats:
     cached_prompt_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     generated_tokens: int = 0
     finished: int = 0
+    finished_by_reason: dict[str, int] = field(default_factory=dict)  # stop, length, cancelled, error
     prefill_forwards: int = 0
     prefill_seconds: float = 0.0  # engine time in prefill forward passes
     decode_seconds: float = 0.0  # engine time in decode forward passes
