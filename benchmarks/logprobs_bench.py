@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import time
+
+import torch
 
 from benchmarks import engine_bench
 from benchmarks.compute_paths import cpu_name
@@ -31,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     requests = make_workload(WorkloadSpec(bench_args.requests, bench_args.adapters, seed=bench_args.seed))
     per_mode: dict[str, list[dict]] = {name: [] for name, _ in MODES}
     with engine_bench.engine_state(bench_args) as state:
+        vocab = state.engine.runner.model.config.vocab_size
         for _ in range(args.rounds):
             for name, logprobs in MODES:
                 state.engine.stats = type(state.engine.stats)()
@@ -51,6 +55,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name, _ in MODES:
         print(f"| {name} | {step[name]:.1f} | {step[name] / step['none']:.2f}× | {rate[name]:.1f} |")  # noqa: T201
+    print_direct_cost(round(batch), vocab)
+
+
+def print_direct_cost(rows: int, vocab: int, repeats: int = 50) -> None:
+    """The logprob work itself, which the end-to-end figures above bury in step-to-step noise: the
+    engine's per-row :func:`token_logprob` for ``rows`` rows of ``vocab`` float32 scores, 1 thread."""
+    from server.engine.sampling import token_logprob
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    print(f"\nThe logprob work alone, {rows} rows × {vocab} scores, 1 thread (median of {repeats}):\n")  # noqa: T201
+    print("| logprobs | ms per step |\n|---|---|")  # noqa: T201
+    for name, top in MODES[1:]:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for row in logits:
+                token_logprob(row, 5, top)
+            times.append((time.perf_counter() - start) * 1000)
+        print(f"| {name} | {statistics.median(times):.2f} |")  # noqa: T201
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
