@@ -16,7 +16,7 @@ from adapters.shared_settings import SharedSettings
 from rag.chunker import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE
 from rag.collection import DocumentInput, IngestResult
 from rag.collections import CollectionManager
-from rag.errors import CollectionNotFound
+from rag.errors import CollectionNotFound, CollectionsInUse
 from rag.evaluate import evaluate, format_table, load_qa
 from rag.extract import SUPPORTED_SUFFIXES, extract_text
 from rag.index import INDEX_KINDS
@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
-    manager = CollectionManager(data_dir(args.data_dir) / "rag")
+    try:
+        manager = CollectionManager(data_dir(args.data_dir) / "rag")
+    except CollectionsInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         return _COMMANDS[args.command](manager, args)
     except (LookupError, ValueError) as e:

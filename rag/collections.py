@@ -8,7 +8,9 @@ collection is reconciled (index against SQLite) when the manager opens it.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import shutil
 import threading
@@ -33,6 +35,7 @@ from rag.errors import (
     CollectionNameInvalid,
     CollectionNotFound,
     CollectionSettingsInvalid,
+    CollectionsInUse,
     DocumentTooLarge,
 )
 from rag.extract import UploadedFile, extract_text
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 COLLECTION_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MIN_CHUNK_SIZE = 16
+WRITER_LOCK = ".writer.lock"  # flock'ed by the one manager (process) that owns the directory
 
 
 def check_collection_name(name: str) -> str:
@@ -53,6 +57,23 @@ def check_collection_name(name: str) -> str:
     if not isinstance(name, str) or not COLLECTION_NAME_RE.fullmatch(name) or name.startswith("."):
         raise CollectionNameInvalid(str(name)[:80])
     return name
+
+
+def _take_writer_lock(root: Path) -> int:
+    """An exclusive lock on ``root`` for this manager's lifetime (released by :meth:`close`, or by the
+    kernel when the process dies, so a crash never leaves it held). Another manager in any process,
+    e.g. ``loraplex rag ingest`` beside a running server, gets :class:`CollectionsInUse` instead of
+    writing the same index and deleting the other's half-made collections as leftovers."""
+    fd = os.open(root / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CollectionsInUse(str(root), holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class CollectionManager:
@@ -81,10 +102,22 @@ class CollectionManager:
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
         self.root.mkdir(parents=True, exist_ok=True)
-        self._open_all()
+        self._writer_lock: int | None = _take_writer_lock(self.root)
+        try:
+            self._open_all()
+        except BaseException:
+            self._release_writer_lock()
+            raise
+
+    def _release_writer_lock(self) -> None:
+        fd, self._writer_lock = self._writer_lock, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     def _open_all(self) -> None:
         for path in sorted(self.root.iterdir()):
+            if path.name == WRITER_LOCK:
+                continue
             if path.name.startswith("."):
                 logger.info("removing leftover %s", path)
                 shutil.rmtree(path, ignore_errors=True)
@@ -103,6 +136,7 @@ class CollectionManager:
             collections, self._collections = list(self._collections.values()), {}
         for collection in collections:
             collection.close()
+        self._release_writer_lock()
 
     # -- collections ------------------------------------------------------------------------------------
 

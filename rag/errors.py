@@ -164,3 +164,17 @@ class DocumentIdInvalid(RagError, ValueError):
     def __init__(self, document_id: str):
         super().__init__(f"Invalid document id {document_id[:80]!r}: ids are 1-512 printable characters.")
         self.document_id = document_id
+
+
+class CollectionsInUse(RuntimeError):
+    """Another process (a running server, its RAG deployment, or a ``loraplex rag`` command) has the
+    collections directory open: each FAISS index and SQLite store has one writer. Not an HTTP error: it
+    is raised when a server or command starts."""
+
+    def __init__(self, root: str, holder: str):
+        who = f"process {holder}" if holder else "another process"
+        super().__init__(
+            f"the RAG collections under {root} are open in {who}; each collection has one writer, so "
+            "use that server's /v1/rag routes, or stop it first"
+        )
+        self.root, self.holder = root, holder

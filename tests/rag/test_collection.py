@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rag.collection import DocumentInput
-from rag.collections import CollectionManager
+from rag.collections import WRITER_LOCK, CollectionManager
 from rag.errors import (
     CollectionExists,
     CollectionNameInvalid,
@@ -119,7 +119,7 @@ def test_state_survives_reopen(manager, docs, embedder, tmp_path):
 
 def test_delete_collection_removes_its_files(manager, docs, tmp_path):
     manager.delete(docs)
-    assert list((tmp_path / "rag").iterdir()) == []
+    assert [p.name for p in (tmp_path / "rag").iterdir()] == [WRITER_LOCK]  # the owner's lock only
     with pytest.raises(CollectionNotFound):
         manager.retrieve(docs, "zebras")
     manager.create(docs)  # the name is free again

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rag.collection import INDEX_FILE, DocumentInput
-from rag.collections import CollectionManager
+from rag.collections import WRITER_LOCK, CollectionManager
 
 # Runs in a subprocess: ingests, then dies (SIGKILL) inside the index rename of the next write.
 CRASHING_WRITER = textwrap.dedent(
@@ -98,4 +98,4 @@ def test_leftover_temporary_folders_are_removed(tmp_path, embedder):
     (root / ".tmp-docs-123").mkdir(parents=True)
     (root / ".trash-old-456").mkdir()
     CollectionManager(root, load_embedder=lambda model: embedder).close()
-    assert list(root.iterdir()) == []
+    assert [p.name for p in root.iterdir()] == [WRITER_LOCK]  # the leftovers are gone, the lock stays
