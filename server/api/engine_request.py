@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from adapters.errors import AdapterNotFound
 from adapters.lease import AdapterChoice
 from adapters.merging import MergeSpec, merged_name
+from adapters.peft_types import PREFIX_TUNING, PROMPT_TUNING, adapter_type
 from adapters.store import MERGED_PREFIX, check_adapter_name
 from server.api.auth import Principal
 from server.api.deps import ServingState
@@ -67,6 +68,23 @@ def resolve_adapter(state: ServingState, body: SamplingFields, principal: Princi
         return _cached_merge(state, name, principal, param)
     _check_visible(state, name, principal, param)
     return AdapterChoice(name)
+
+
+def virtual_token_count(state: ServingState, choice: AdapterChoice) -> int:
+    """Positions a prompt- or prefix-tuning adapter adds before each prompt (0 for every other type
+    and for merges, which are LoRA-family only): they take room in the context window like prompt
+    tokens. Read from the stored config (the adapter need not be resident); the engine checks again
+    with the loaded adapter."""
+    if choice.name is None or choice.spec is not None:
+        return 0
+    try:
+        config = state.registry.store.read_config(choice.name)
+    except (LookupError, ValueError, OSError):
+        return 0  # not stored (or unreadable): the registry's own error comes when it is leased
+    if adapter_type(config) not in (PROMPT_TUNING, PREFIX_TUNING):
+        return 0
+    count = config.get("num_virtual_tokens")
+    return count if isinstance(count, int) and count > 0 else 0
 
 
 def _cached_merge(state: ServingState, name: str, principal: Principal, param: str) -> AdapterChoice:
@@ -200,9 +218,11 @@ def prepare(
                 code="prompt_too_long",
                 param="prompt",
             )
-        if len(ids) + params.max_tokens > state.context_length:
-            raise ContextLengthExceeded(len(ids), params.max_tokens, state.context_length)
     selected = resolve_adapter(state, body, principal)
+    virtual = virtual_token_count(state, selected)
+    for ids in prompts:
+        if len(ids) + virtual + params.max_tokens > state.context_length:
+            raise ContextLengthExceeded(len(ids) + virtual, params.max_tokens, state.context_length, virtual)
     # The HTTP request id leads the engine's ids, so engine log lines can be traced to the request.
     http_id = request_id_var.get()
     request_id = f"{http_id}.{uuid.uuid4().hex[:8]}" if http_id != "-" else uuid.uuid4().hex[:24]

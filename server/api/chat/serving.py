@@ -16,7 +16,7 @@ from server.api.chat.tool_call_stream import ToolCallStreamParser
 from server.api.chat.tool_format import parse_tool_calls, render_tool_messages
 from server.api.collections.api_router import check_visible
 from server.api.deps import ServingState
-from server.api.engine_request import prepare, render_chat
+from server.api.engine_request import prepare, render_chat, resolve_adapter, virtual_token_count
 from server.api.errors import APIError
 from server.api.generation_serving import Choice, GenerationServing
 
@@ -176,7 +176,9 @@ async def _retrieve_into(
     state.metrics.rag_search_seconds.observe(time.perf_counter() - started)
     tokenizer = state.base.tokenizer
     prompt_tokens = len(render_chat(state, messages))
-    budget = state.context_length - prompt_tokens - (max_tokens or state.settings.default_max_tokens)
+    virtual = virtual_token_count(state, resolve_adapter(state, body, principal))  # prompt/prefix tuning
+    reserved = virtual + (max_tokens or state.settings.default_max_tokens)
+    budget = state.context_length - prompt_tokens - reserved
     with_passages, used = build_rag_messages(
         messages, passages, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), budget
     )

@@ -67,3 +67,46 @@ def test_rag_unknown_collection_is_404(rag_client):
     body = {"messages": [QUESTION], "rag": {"collection": "nope"}}
     response = rag_client.post("/v1/chat/completions", json=body)
     assert response.status_code == 404 and response.json()["error"]["code"] == "collection_not_found"
+
+
+def test_rag_passages_leave_room_for_a_prompt_tuning_adapters_virtual_tokens(
+    tiny_base_dir, peft_type_store_dir, tmp_path
+):
+    """The passages get what the window leaves after the prompt, ``max_tokens`` *and* the adapter's
+    virtual tokens: a passage that just fits on the base is dropped for a prompt-tuning adapter, and
+    the request is served instead of overflowing into a 400."""
+    window = 512
+    settings = tiny_settings(tiny_base_dir, peft_type_store_dir, tmp_path, max_model_len=window)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        _ingest(client)
+        rag = {"collection": "handbook", "top_k": 1}
+        one = client.post("/v1/chat/completions", json={"messages": [QUESTION], "max_tokens": 1, "rag": rag})
+        with_passage = one.json()["usage"]["prompt_tokens"]
+        max_tokens = window - with_passage  # the passage just fits on the base
+        while True:  # calibrate to how the packer counts the passage's tokens
+            body = {"messages": [QUESTION], "max_tokens": max_tokens, "rag": rag, "temperature": 0}
+            base = client.post("/v1/chat/completions", json=body)
+            assert base.status_code == 200, base.text
+            if base.json()["sources"]:
+                break
+            max_tokens -= 1
+            assert max_tokens > window - with_passage - 8, "the packer's count is far from the prompt's"
+        tuned = client.post("/v1/chat/completions", json={**body, "adapter": "prompt-tuning"})
+        assert tuned.status_code == 200, tuned.text
+        assert tuned.json()["sources"] == []  # 4 virtual tokens took the passage's room
+
+
+def test_the_api_counts_virtual_tokens_before_leasing_the_adapter(
+    tiny_base_dir, peft_type_store_dir, tmp_path
+):
+    settings = tiny_settings(tiny_base_dir, peft_type_store_dir, tmp_path, max_model_len=256)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        body = {"prompt": list(range(3, 3 + 250)), "max_tokens": 6, "temperature": 0}
+        assert client.post("/v1/completions", json=body).status_code == 200  # fills the window exactly
+        refused = client.post("/v1/completions", json={**body, "adapter": "prompt-tuning"})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert "(254 in the prompt, of which 4 are the adapter's virtual tokens" in error["message"]
+        status = {a["name"]: a["status"] for a in client.get("/v1/adapters").json()["data"]}
+        assert status["prompt-tuning"] == "on_disk"  # refused before the adapter was loaded
