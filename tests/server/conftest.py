@@ -18,6 +18,10 @@ def tiny_settings(tiny_base_dir, adapter_store_dir, tmp_path, **overrides) -> Se
         base_model=str(tiny_base_dir),
         quantization="none",
         device="cpu",
+        # float32 whatever the CPU: "auto" is bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX), where a
+        # prefix-cache hit's logits differ from a cold prefill's by bf16 rounding (up to ~3e-2 in logprob on
+        # the tiny model) and greedy outputs compared across cache states flip on near-ties.
+        dtype="float32",
         data_dir=tmp_path / "data",
         adapter_dir=adapter_store_dir,
         cache_dir=tmp_path / "cache",
