@@ -77,20 +77,34 @@ class Ingress:
         )
         action = admin_action(request.method, path, body)
         model_id = multiplexed_model_id(request.method, path, body, self.store, self.max_merge_parts)
-        try:
-            start, chunks = await self._start(forwarded, model_id, retry=action is None)
-        except Exception as e:  # the replica died or was unreachable before answering
-            logger.warning("request %s %s failed before a response: %r", request.method, path, e)
-            return _unavailable("No engine replica could serve the request; retry.", self.replica_id)
+        retry = action is None  # store writes are never sent twice
+        for attempt in (1, 2):
+            started = False
+            try:
+                start, chunks = await self._start(forwarded, model_id, retry=retry)
+                started = True
+                if _streamed(start) and (action is None or action.change is None):
+                    break
+                # A whole (JSON) response is gathered before it is answered: a replica that dies
+                # mid-body then costs one more try or a clean 503, never a truncated body.
+                content = b"".join([chunk async for chunk in chunks])
+            except Exception as e:  # the replica died or was unreachable before answering whole
+                logger.warning("request %s %s failed before a whole response: %r", request.method, path, e)
+                if retry and started and attempt == 1:
+                    continue  # _start already retried a death before the response start
+                return _unavailable("No engine replica could serve the request; retry.", self.replica_id)
+            return await self._answer(action, start, content)
+        return _response(StreamingResponse(_guarded(chunks), start.status), start)
+
+    async def _answer(self, action: Any, start: ResponseStart, content: bytes) -> Response:
+        """A gathered response; after a successful store change, once every replica dropped its copy."""
         if action is not None and action.change is not None and 200 <= start.status < 300:
-            content = b"".join([chunk async for chunk in chunks])
             # A replica that died meanwhile holds no copy; its replacement starts with an empty registry.
             replicas = await self.engine.broadcast(
                 "apply_store_change", action.change, action.name
             ).results_async(timeout_s=BROADCAST_SECONDS, return_exceptions=True)
             logger.info("%s %s applied on replicas %s", action.change, action.name, replicas)
-            return _response(Response(content, start.status), start)
-        return _response(StreamingResponse(_guarded(chunks), start.status), start)
+        return _response(Response(content, start.status), start)
 
     async def _body(self, request: Request) -> bytes:
         """The request's body, read only up to the replica's own limit (``--max-body-bytes``, or
@@ -151,6 +165,13 @@ class Ingress:
         if deployment is None or deployment.status != "HEALTHY" or min(running, healthy) < self.replicas:
             return JSONResponse({**body, "status": "not_ready"}, status_code=503, headers=headers)
         return JSONResponse(body, headers=headers)
+
+
+def _streamed(start: ResponseStart) -> bool:
+    """Whether a response is passed on as it comes (SSE, or a body of no announced length, like a
+    file download) rather than gathered first (a JSON answer: it has a content-length)."""
+    headers = {k.lower(): v for k, v in start.headers}
+    return b"text/event-stream" in headers.get(b"content-type", b"") or b"content-length" not in headers
 
 
 def _response(response: Response, start: ResponseStart) -> Response:
