@@ -93,7 +93,11 @@ def server(tmp_path_factory, e2e_adapter_sources):
     store.mkdir()
     for name, src in e2e_adapter_sources.items():
         shutil.copytree(src, store / name)
-    proc, base_url = start_server(data_dir, "--max-loaded-adapters", "4")
+    # No prefix cache: these tests compare greedy outputs of repeated requests (adapter by field vs
+    # by model, invoke vs stream), and on the default w8a8 path a cache hit's last digits differ from
+    # a cold prefill's, which int8 activation rounding can turn into a different token (README,
+    # "prefix cache"; open in issue 14). The cache's own equality is tested on the tiny model.
+    proc, base_url = start_server(data_dir, "--max-loaded-adapters", "4", "--prefix-cache-bytes", "0")
     yield {"url": base_url, "store": store, "log": data_dir / "server.log", "proc": proc}
     proc.terminate()
     try:
