@@ -73,10 +73,13 @@ def resolve_adapter(state: ServingState, body: SamplingFields, principal: Princi
 def virtual_token_count(state: ServingState, choice: AdapterChoice) -> int:
     """Positions a prompt- or prefix-tuning adapter adds before each prompt (0 for every other type
     and for merges, which are LoRA-family only): they take room in the context window like prompt
-    tokens. Read from the stored config (the adapter need not be resident); the engine checks again
-    with the loaded adapter."""
+    tokens. A resident adapter's own count, else its stored config's (no load needed); the engine
+    checks again with the loaded adapter."""
     if choice.name is None or choice.spec is not None:
         return 0
+    resident = state.registry.get(choice.name)
+    if resident is not None:  # the common case: no file read per request
+        return resident.weights.num_virtual_tokens
     try:
         config = state.registry.store.read_config(choice.name)
     except (LookupError, ValueError, OSError):

@@ -110,3 +110,6 @@ def test_the_api_counts_virtual_tokens_before_leasing_the_adapter(
         assert "(254 in the prompt, of which 4 are the adapter's virtual tokens" in error["message"]
         status = {a["name"]: a["status"] for a in client.get("/v1/adapters").json()["data"]}
         assert status["prompt-tuning"] == "on_disk"  # refused before the adapter was loaded
+        assert client.post("/v1/adapters/prompt-tuning/load").status_code == 200
+        resident = client.post("/v1/completions", json={**body, "adapter": "prompt-tuning"})
+        assert resident.status_code == 400 and resident.json()["error"] == error  # counted from memory too
