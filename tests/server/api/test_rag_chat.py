@@ -96,20 +96,22 @@ def test_rag_passages_leave_room_for_a_prompt_tuning_adapters_virtual_tokens(
         assert tuned.json()["sources"] == []  # 4 virtual tokens took the passage's room
 
 
+@pytest.mark.parametrize("adapter, virtual", [("prompt-tuning", 4), ("prefix-tuning", 3)])
 def test_the_api_counts_virtual_tokens_before_leasing_the_adapter(
-    tiny_base_dir, peft_type_store_dir, tmp_path
+    tiny_base_dir, peft_type_store_dir, tmp_path, adapter, virtual
 ):
     settings = tiny_settings(tiny_base_dir, peft_type_store_dir, tmp_path, max_model_len=256)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         body = {"prompt": list(range(3, 3 + 250)), "max_tokens": 6, "temperature": 0}
         assert client.post("/v1/completions", json=body).status_code == 200  # fills the window exactly
-        refused = client.post("/v1/completions", json={**body, "adapter": "prompt-tuning"})
+        refused = client.post("/v1/completions", json={**body, "adapter": adapter})
         assert refused.status_code == 400, refused.text
         error = refused.json()["error"]
         assert error["code"] == "context_length_exceeded"
-        assert "(254 in the prompt, of which 4 are the adapter's virtual tokens" in error["message"]
+        expected = f"({250 + virtual} in the prompt, of which {virtual} are the adapter's virtual tokens"
+        assert expected in error["message"]
         status = {a["name"]: a["status"] for a in client.get("/v1/adapters").json()["data"]}
-        assert status["prompt-tuning"] == "on_disk"  # refused before the adapter was loaded
-        assert client.post("/v1/adapters/prompt-tuning/load").status_code == 200
-        resident = client.post("/v1/completions", json={**body, "adapter": "prompt-tuning"})
+        assert status[adapter] == "on_disk"  # refused before the adapter was loaded
+        assert client.post(f"/v1/adapters/{adapter}/load").status_code == 200
+        resident = client.post("/v1/completions", json={**body, "adapter": adapter})
         assert resident.status_code == 400 and resident.json()["error"] == error  # counted from memory too
