@@ -32,6 +32,7 @@ from training.args import ArgumentError, TrainConfig
 from training.card import build_card, perplexity, write_card
 from training.continual import EWCPenalty, OldTaskRows, estimate_fisher, split_old_rows
 from training.data import DatasetError, read_dataset, split_holdout
+from training.label_loss import label_position_loss
 from training.lora_model import (
     attach_new_adapter,
     attach_stored_adapter,
@@ -273,7 +274,9 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
                 self.tokens_trained += int(inputs["attention_mask"].sum())
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            loss, outputs = label_position_loss(model, inputs, num_items_in_batch if scaled else None)
+            result = (loss, outputs) if return_outputs else loss
             if self.penalty is None or not model.training:
                 return result
             # Spread over the accumulated micro-batches so one optimizer step sees the penalty once.
